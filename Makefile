@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create or update the virtual
+# environment first. VENV may point elsewhere (.ci/run keeps one in a cache folder keyed by the pins' hash).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell cat requirements/ci.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.deps-$(REQ_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slurm demo bench clean
+
+$(STAMP): requirements/ci.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements/ci.txt
+	@rm -f $(VENV)/.deps-*; touch $@
+
+install: $(STAMP)
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+
+test: install
+	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS) tests
+
+demo: install
+	$(VENV)/bin/cpcluster demo
+
+clean:
+	rm -rf build *.egg-info .pytest_cache demo-out

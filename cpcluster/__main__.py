@@ -1,0 +1,3 @@
+from cpcluster.cli import main
+
+main()

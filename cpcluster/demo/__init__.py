@@ -1,0 +1,1 @@
+"""Built-in demo data and models (no downloads)."""

@@ -1,0 +1,1 @@
+"""Model, purifier and dataset adapters (torch)."""

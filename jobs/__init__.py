@@ -1,0 +1,1 @@
+"""Submitit job callables (picklable, resumable). Installed as ``cpcluster.jobs``."""
