@@ -1,0 +1,85 @@
+"""What a spec loads into: networks with the metadata the method needs, and datasets.
+
+Units: ``LoadedDenoiser.module`` works in model space [-1, 1]; ``LoadedClassifier.module`` takes pixel space
+[0, 1] (its own resize / normalization / quantization inside); ``ImageDataset.get`` returns pixel space [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+
+@dataclass
+class LoadedDenoiser:
+    """A denoising network and how to drive it.
+
+    module : ``module(x, time_input, class_labels)`` -> (B, C, H, W) model-space tensor, x (B, C, H, W) model space.
+             For ``kind="consistency"`` / ``"edm"`` the output is the raw network F (the boundary scalings are
+             applied by :class:`cpcluster.models.consistency.ConsistencyFunction`); time_input is c_noise.
+             For ``kind="ddpm"`` the output is the predicted noise epsilon; time_input is the integer timestep.
+    kind : ``"consistency"``, ``"edm"`` or ``"ddpm"``.
+    meta : ``c_noise`` ("openai" | "jax"), ``grid_steps`` (Karras N the model was trained on), ``num_classes``
+           (None for unconditional networks), ``betas`` (DDPM schedule, list) ...
+    spec, sha256 : the spec string and the sha256 of the weights file (None for random init), for the run config.
+    """
+
+    module: nn.Module
+    kind: str
+    meta: dict = field(default_factory=dict)
+    spec: str = ""
+    sha256: str | None = None
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "sha256": self.sha256, "kind": self.kind,
+                **{k: v for k, v in self.meta.items() if k != "betas"}}
+
+
+@dataclass
+class LoadedClassifier:
+    """``module(x)``: pixel-space (B, C, H, W) in [0, 1] -> logits (B, num_classes); transform is inside."""
+
+    module: nn.Module
+    num_classes: int
+    spec: str = ""
+    sha256: str | None = None
+    transform: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes,
+                "transform": self.transform}
+
+
+@dataclass
+class ImageDataset:
+    """An evaluation set held in memory.
+
+    images : (N, C, H, W) uint8 (0..255) or float32 in [0, 1]; labels : (N,) int64 in [0, num_classes).
+    fingerprint : sha256 of the image and label bytes; goes into the run config.
+    """
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    fingerprint: str
+    spec: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
+    def get(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, C, H, W) float32 pixel space [0, 1] and labels (B,) int64 for the given indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        x = self.images[idx]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        return x, self.labels[idx].astype(np.int64)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "name": self.name, "size": len(self), "shape": list(self.shape),
+                "num_classes": self.num_classes, "fingerprint": self.fingerprint}

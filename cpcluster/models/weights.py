@@ -1,0 +1,63 @@
+"""Safe weight files: safetensors, or ``torch.load(weights_only=True)``; never a plain unpickle. Any fsspec URL."""
+from __future__ import annotations
+
+import hashlib
+
+import fsspec
+import torch
+
+from cpcluster.errors import InputError
+
+
+def read_bytes(url: str, what: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise InputError(f"{what} {url}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} {url}: cannot read ({e})") from None
+
+
+def sha256_bytes(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_state_dict(url: str, what: str = "checkpoint") -> tuple[dict, str]:
+    """``(state_dict, sha256)`` of a ``.safetensors`` file or a torch file loadable with ``weights_only=True``.
+
+    A torch file holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped. Anything else (a pickle that
+    needs arbitrary globals, a damaged file) is refused with an :class:`InputError` naming the file.
+    """
+    raw = read_bytes(url, what)
+    digest = sha256_bytes(raw)
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw), digest
+        except Exception as e:  # safetensors raises its own error types
+            raise InputError(f"{what} {url}: not a valid safetensors file ({type(e).__name__})") from None
+    import io
+
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{what} {url}: cannot be loaded with weights_only=True ({type(e).__name__}); "
+                         "save a plain state_dict or a .safetensors file") from None
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{what} {url}: does not hold a state_dict of tensors")
+    return obj, digest
+
+
+def apply_state_dict(module: torch.nn.Module, state: dict, url: str, what: str = "checkpoint") -> None:
+    """Load ``state`` strictly; a mismatch is an :class:`InputError` naming the file and the first bad keys."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise InputError(f"{what} {url}: weights do not fit the architecture ({' '.join(first)[:300]})") from None
