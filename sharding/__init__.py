@@ -1,1 +1,10 @@
-"""Work plans: (image, stream, block) units cut into shards, counter-based noise seeds, array chunking. Installed as ``cpcluster.sharding``."""
+"""Work plans: (image, stream, block) units cut into shards, counter-based noise seeds, array chunking. Installed as ``cpcluster.sharding``.
+
+Pure numpy; no torch import.
+"""
+from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array
+from cpcluster.sharding.plan import ESTIMATION, SELECTION, Plan, balanced_ranges, build_units, make_plan
+from cpcluster.sharding.seeds import batch_seed, check_batching, unit_batches
+
+__all__ = ["DEFAULT_MAX_ARRAY_SIZE", "ESTIMATION", "SELECTION", "Plan", "balanced_ranges", "batch_seed",
+           "build_units", "check_batching", "make_plan", "split_array", "unit_batches"]
