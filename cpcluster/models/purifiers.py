@@ -72,14 +72,18 @@ class ConsistencyPurifier(Purifier):
     def __init__(self, denoiser: LoadedDenoiser, sigma: float, time_rule: str = "nearest",
                  label_policy: LabelPolicy = LabelPolicy(), **_):
         super().__init__()
-        if denoiser.kind not in ("consistency", "edm"):
+        if denoiser.kind != "consistency":
+            fix = "pf-ode (--steps 1 is one-shot denoising)" if denoiser.kind == "edm" else "onestep-ddpm or pf-ode"
             raise InputError(f"--denoiser {denoiser.spec}: a {denoiser.kind} network cannot drive the consistency "
-                             "purifier; use --purifier onestep-ddpm")
+                             f"purifier; use --purifier {fix}")
         self.denoiser = denoiser
         self.function = ConsistencyFunction(denoiser.module, denoiser.meta.get("c_noise", "openai"))
         self.sigma = float(sigma)
         self.time_rule = time_rule
-        self.t = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
+        try:
+            self.t = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
+        except ValueError as e:
+            raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time exact") from None
         self.label_policy = label_policy
 
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -97,6 +101,11 @@ PURIFIERS: dict[str, type[Purifier]] = {
     "none": IdentityPurifier,
     "consistency": ConsistencyPurifier,
 }
+
+# "onestep-ddpm" and "pf-ode" live in their own modules, which add themselves to PURIFIERS when imported; importing
+# them here makes the registry complete whichever module is imported first (they only need the names above).
+import cpcluster.models.ddpm  # noqa: E402,F401
+import cpcluster.models.pfode  # noqa: E402,F401
 
 
 def build_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, **options) -> Purifier:

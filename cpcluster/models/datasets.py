@@ -1,0 +1,224 @@
+"""Dataset specs -> :class:`ImageDataset` (uint8 (N, C, H, W) in memory), from local paths or fsspec URLs.
+
+* ``cifar10:DIR[?split=test|train]`` -- ``DIR`` is ``cifar-10-batches-bin`` (``test_batch.bin``: records of 1 label
+  byte + 3072 CHW pixel bytes) or ``cifar-10-batches-py`` (``test_batch``: a pickled dict, read by
+  :mod:`cpcluster.models.safepickle`, never ``pickle.load``), or a folder holding one of them. ``train`` reads
+  ``data_batch_1`` .. ``data_batch_5``.
+* ``imagenet64:FILE_OR_DIR`` -- downsampled ImageNet (Chrabaszcz et al. 2017) ``val_data.npz``: ``data`` (N, 3 S^2)
+  uint8 with the R, G, B planes in order, ``labels`` 1..1000 (converted to 0..999). Any side S (8, 16, 32, 64).
+* ``npz:FILE[?x=KEY&y=KEY&layout=nchw|nhwc&num_classes=K]`` -- images (N, C, H, W), (N, H, W, C) or (N, H, W) as
+  uint8, or float in [0, 1] (kept as float32); integer labels in [0, K) (K defaults to max label + 1).
+* ``folder:DIR[?mode=RGB|L]`` -- one subfolder per class (sorted names are classes 0, 1, ...), PNG/JPEG/BMP/WebP
+  files of one common size, read in sorted order.
+
+``fingerprint`` = sha256 of the C-contiguous image array bytes followed by the int64 label bytes, the same rule as
+the demo dataset. Every malformed input is an :class:`InputError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+
+import numpy as np
+
+from cpcluster.errors import InputError
+from cpcluster.models.loaded import ImageDataset
+from cpcluster.models.safepickle import safe_load
+from cpcluster.models.specs import register
+from cpcluster.models.transforms import parse_int, split_options
+from cpcluster.models.weights import read_bytes
+from cpcluster.shards import exists, join_url
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 hex of ``images`` (C order) bytes + ``labels`` as little-endian int64 bytes."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def make_dataset(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> ImageDataset:
+    """Checked :class:`ImageDataset`: (N, C, H, W) uint8 or float32 in [0, 1], labels (N,) in [0, num_classes)."""
+    labels = np.asarray(labels)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise InputError(f"{where}: images have shape {images.shape}; expected (N, C, H, W) with C = 1 or 3")
+    if labels.shape != (images.shape[0],):
+        raise InputError(f"{where}: {images.shape[0]} images but labels of shape {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{where}: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InputError(f"{where}: labels out of range [0, {num_classes}): min {labels.min()}, max {labels.max()}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise InputError(f"{where}: images must be uint8 or float in [0, 1], got {images.dtype}")
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise InputError(f"{where}: float images must lie in [0, 1]")
+    images = np.ascontiguousarray(images)
+    return ImageDataset(name, images, labels, int(num_classes), fingerprint(images, labels))
+
+
+# ------------------------------------------------------------------------------------------------------ CIFAR-10
+
+
+def _cifar_bin(url: str) -> tuple[np.ndarray, np.ndarray]:
+    raw = read_bytes(url, "CIFAR-10 batch")
+    if len(raw) == 0 or len(raw) % CIFAR_RECORD:
+        raise InputError(f"CIFAR-10 batch {url}: {len(raw)} bytes is not a whole number of {CIFAR_RECORD}-byte "
+                         "records (1 label byte + 3x32x32 pixels)")
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+def _cifar_py(url: str) -> tuple[np.ndarray, np.ndarray]:
+    raw = read_bytes(url, "CIFAR-10 batch")
+    try:
+        batch = safe_load(raw)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(f"CIFAR-10 batch {url}: refused or unreadable pickle ({e})") from None
+    if not isinstance(batch, dict):
+        raise InputError(f"CIFAR-10 batch {url}: expected a pickled dict")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise InputError(f"CIFAR-10 batch {url}: missing key(s) {missing}")
+    data, labels = batch["data"], np.asarray(batch["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise InputError(f"CIFAR-10 batch {url}: 'data' must be uint8 of shape (N, 3072), got "
+                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if labels.shape != (data.shape[0],):
+        raise InputError(f"CIFAR-10 batch {url}: {data.shape[0]} images but {labels.size} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_layout(root: str, split: str) -> tuple[list[str], str]:
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    for folder in (root, join_url(root, "cifar-10-batches-bin"), join_url(root, "cifar-10-batches-py")):
+        if exists(join_url(folder, names[0] + ".bin")):
+            return [join_url(folder, n + ".bin") for n in names], "bin"
+        if exists(join_url(folder, names[0])):
+            return [join_url(folder, n) for n in names], "py"
+    raise InputError(f"--dataset cifar10:{root}: no {names[0]}.bin (cifar-10-batches-bin) or {names[0]} "
+                     "(cifar-10-batches-py) there or in a cifar-10-batches-* subfolder")
+
+
+@register("dataset", "cifar10")
+def _cifar10(argument: str) -> ImageDataset:
+    what = f"--dataset cifar10:{argument}"
+    root, options = split_options(argument, what, ("split",))
+    split = options.get("split", "test")
+    if split not in ("test", "train"):
+        raise InputError(f"{what}: split={split!r}; use test or train")
+    files, layout = _cifar_layout(root.rstrip("/"), split)
+    xs, ys = [], []
+    for url in files:
+        x, y = (_cifar_bin if layout == "bin" else _cifar_py)(url)
+        if y.size and (y.min() < 0 or y.max() >= 10):
+            raise InputError(f"CIFAR-10 batch {url}: labels out of range [0, 10): min {y.min()}, max {y.max()}")
+        xs.append(x)
+        ys.append(y)
+    return make_dataset(f"cifar10-{split}", np.concatenate(xs), np.concatenate(ys), 10, f"CIFAR-10 batch {files[0]}")
+
+
+# ------------------------------------------------------------------------------------------------- npz formats
+
+
+def _npz(url: str, what: str) -> dict:
+    raw = read_bytes(url, what)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{what} {url}: not a readable numeric .npz file ({e})") from None
+
+
+@register("dataset", "imagenet64")
+def _imagenet64(argument: str) -> ImageDataset:
+    what = f"--dataset imagenet64:{argument}"
+    url, _ = split_options(argument, what, ())
+    if not url.endswith(".npz"):
+        url = join_url(url, "val_data.npz")
+    z = _npz(url, "downsampled ImageNet file")
+    missing = [k for k in ("data", "labels") if k not in z]
+    if missing:
+        raise InputError(f"downsampled ImageNet file {url}: missing key(s) {missing} (has {sorted(z)})")
+    data, labels = z["data"], np.asarray(z["labels"]).reshape(-1)
+    side = int(round((data.shape[-1] / 3) ** 0.5)) if data.ndim == 2 else 0
+    if data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1]:
+        raise InputError(f"downsampled ImageNet file {url}: 'data' must be uint8 (N, 3*S*S), got {data.dtype} "
+                         f"{data.shape}")
+    if labels.size and (labels.min() < 1 or labels.max() > 1000):
+        raise InputError(f"downsampled ImageNet file {url}: labels must be 1..1000 (1-based), got "
+                         f"{labels.min()}..{labels.max()}")
+    return make_dataset(f"imagenet{side}-val", data.reshape(-1, 3, side, side), labels.astype(np.int64) - 1, 1000,
+                        f"downsampled ImageNet file {url}")
+
+
+@register("dataset", "npz")
+def _generic_npz(argument: str) -> ImageDataset:
+    what = f"--dataset npz:{argument}"
+    url, options = split_options(argument, what, ("x", "y", "layout", "num_classes"))
+    z = _npz(url, "dataset file")
+    xk, yk = options.get("x", "x"), options.get("y", "y")
+    missing = [k for k in (xk, yk) if k not in z]
+    if missing:
+        raise InputError(f"dataset file {url}: missing key(s) {missing} (has {sorted(z)}); name them with ?x=&y=")
+    x, y = z[xk], z[yk].reshape(-1)
+    if x.ndim == 3:
+        x = x[:, None]
+    layout = options.get("layout", "auto")
+    if layout not in ("auto", "nchw", "nhwc"):
+        raise InputError(f"{what}: layout={layout!r}; use nchw or nhwc")
+    if x.ndim == 4 and (layout == "nhwc" or (layout == "auto" and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3))):
+        x = x.transpose(0, 3, 1, 2)
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"dataset file {url}: labels {yk!r} must be integers, got {y.dtype}")
+    k = parse_int(options["num_classes"], what, "num_classes", 2) if "num_classes" in options else (
+        int(y.max()) + 1 if y.size else 1)
+    name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".npz")
+    return make_dataset(name, x, y, k, f"dataset file {url}")
+
+
+# ------------------------------------------------------------------------------------------------- image folder
+
+
+@register("dataset", "folder")
+def _image_folder(argument: str) -> ImageDataset:
+    import fsspec
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"--dataset folder:{argument}"
+    url, options = split_options(argument, what, ("mode",))
+    mode = options.get("mode", "RGB")
+    if mode not in ("RGB", "L"):
+        raise InputError(f"{what}: mode={mode!r}; use RGB or L")
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        raise InputError(f"{what}: {url} is not a folder")
+    classes = sorted(e["name"].rstrip("/") for e in fs.ls(root, detail=True) if e["type"] == "directory")
+    if not classes:
+        raise InputError(f"{what}: {url} has no class subfolders")
+    images, labels, size = [], [], None
+    for label, folder in enumerate(classes):
+        for path in sorted(p for p in fs.find(folder) if p.lower().endswith(IMAGE_SUFFIXES)):
+            try:
+                with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+                    arr = np.asarray(im.convert(mode))
+            except (UnidentifiedImageError, OSError) as e:
+                raise InputError(f"image {path}: cannot be decoded ({e})") from None
+            if size is None:
+                size = arr.shape[:2]
+            elif arr.shape[:2] != size:
+                raise InputError(f"image {path}: size {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
+                                 f"{size[1]}x{size[0]}; resize the folder to one size")
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise InputError(f"{what}: no {'/'.join(IMAGE_SUFFIXES)} files under {url}")
+    name = root.rstrip("/").rsplit("/", 1)[-1]
+    return make_dataset(name, np.stack(images), np.array(labels, dtype=np.int64), len(classes), url)
