@@ -45,8 +45,14 @@ def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
     out = np.zeros(k.shape, dtype=np.float64)
     pos = k > 0
     if pos.any():
-        kp = k[pos].astype(np.float64)
-        out[pos] = stats.beta.ppf(alpha, kp, n[pos].astype(np.float64) - kp + 1.0)
+        kp, np_ = k[pos], n[pos]
+        inverse = None
+        if int(np_.max()) < 2**31:  # images share (k, n) pairs (k == n is common): invert each pair once
+            pair, inverse = np.unique(kp * 2**31 + np_, return_inverse=True)
+            kp, np_ = pair >> 31, pair & (2**31 - 1)
+        kf = kp.astype(np.float64)
+        bound = stats.beta.ppf(alpha, kf, np_.astype(np.float64) - kf + 1.0)
+        out[pos] = bound if inverse is None else bound[inverse.reshape(-1)]
     return out
 
 

@@ -1,2 +1,152 @@
 """Frozen dataclass configs, one per job kind. They are what gets pickled, hashed and written beside results."""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from cpcluster.errors import InputError
+
+
+# ------------------------------------------------------------------------------------------------------ aggregate
+AGGREGATE_FORMATS = ("md", "latex", "csv")
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class AggregateOptions:
+    """One ``cpcluster aggregate`` run (DESIGN.md section 5, ``aggregate/pipeline.py``).
+
+    ``paths`` are shard files, globs, directories or fsspec URLs; ``radii`` are pixel-space L2 radii for the table;
+    ``out`` is the output folder (None: ``<deepest folder holding every input>/aggregate``). Invalid values raise
+    :class:`InputError` at construction.
+    """
+
+    paths: tuple
+    alpha: float = 0.001
+    radii: tuple = DEFAULT_RADII
+    out: str | None = None
+    allow_partial: bool = False
+    format: str = "md"
+    plot: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        object.__setattr__(self, "radii", tuple(float(r) for r in self.radii))
+        if not self.paths:
+            raise InputError("no PATHS given: name shard files, globs or run folders, e.g. results/*.h5")
+        if not 0.0 < float(self.alpha) < 1.0:  # also refuses NaN
+            raise InputError(f"--alpha {self.alpha}: must lie strictly between 0 and 1, e.g. 0.001")
+        if not self.radii or any(not (0.0 <= r < float("inf")) for r in self.radii):
+            raise InputError(f"--radii {','.join(map(str, self.radii)) or '(empty)'}: give finite radii >= 0, "
+                             "e.g. --radii 0,0.25,0.5,0.75,1.0")
+        if len(set(self.radii)) != len(self.radii) or list(self.radii) != sorted(self.radii):
+            raise InputError(f"--radii {','.join(f'{r:g}' for r in self.radii)}: list each radius once, "
+                             "in increasing order")
+        if self.format not in AGGREGATE_FORMATS:
+            raise InputError(f"--format {self.format!r}: use one of {', '.join(AGGREGATE_FORMATS)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["paths"], d["radii"] = list(self.paths), list(self.radii)
+        return d
+
+
+# -------------------------------------------------------------------------------------------------------- certify
+CERTIFY_MODES = ("certify", "predict")
+CERTIFY_DTYPES = ("float32", "bfloat16", "float16")
+CERTIFY_DEVICES = ("auto", "cpu", "cuda")
+# Fields that do not change the counts' meaning: they stay out of the shard config and its hash, so a run can be
+# resumed with other values (where it runs, how it is split, how many draws go through one forward).
+CERTIFY_RUN_FREE = frozenset({"run_dir", "num_shards", "batch", "device", "threads", "tune_malloc"})
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """One certification run at one pixel-space ``sigma`` (DESIGN.md sections 1, 3, 4; ``jobs/certify.py``).
+
+    The run's shards go to ``run_dir``. Per image: ``n0`` selection draws (one unit) and ``n`` estimation draws
+    in blocks of ``block_size``; ``mode="predict"`` has no selection draws. Noise is drawn in batches of
+    ``draw_batch`` (a block is a whole number of them) and ``batch`` draws go through one forward. Images:
+    ``indices`` (default: the whole dataset), then every ``skip``-th of them, then the first ``max_images``.
+    Invalid values raise :class:`InputError` at construction, so a config that exists is a valid one.
+    """
+
+    sigma: float
+    run_dir: str
+    num_shards: int = 1
+    n0: int = 100
+    n: int = 100_000
+    batch: int = 1000
+    block_size: int = 10_000
+    draw_batch: int = 100
+    seed: int = 0
+    skip: int = 1
+    max_images: int | None = None
+    indices: tuple | None = None
+    dataset: str = "demo"
+    denoiser: str | None = "demo"  # None: no denoiser (purifier "none")
+    classifier: str = "demo"
+    purifier: str = "consistency"
+    time_rule: str = "nearest"
+    steps: int | None = None
+    purifier_label: str = "fixed:0"
+    mode: str = "certify"
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None  # torch threads per shard process (None: torch's default)
+    tune_malloc: bool = True  # glibc mallopt at job start on CPU (DESIGN.md section 6)
+
+    def __post_init__(self):
+        sigma = float(self.sigma)
+        if not 0.0 < sigma < float("inf"):
+            raise InputError(f"--sigma {self.sigma}: must be a positive pixel-space noise level, e.g. --sigma 0.5")
+        object.__setattr__(self, "sigma", sigma)
+        if self.indices is not None:
+            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+        low = {"num_shards": ("--shards", 1), "n": ("--n", 1), "batch": ("--batch", 1),
+               "block_size": ("--block-size", 1), "draw_batch": ("--draw-batch", 1), "skip": ("--skip", 1),
+               "seed": ("--seed", 0), "n0": ("--n0", 1 if self.mode == "certify" else 0)}
+        for name, (flag, least) in low.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{flag} {value}: must be an integer >= {least}")
+        if self.seed >= 2**63:
+            raise InputError(f"--seed {self.seed}: must be below 2**63")
+        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
+            raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InputError(f"threads {self.threads}: must be at least 1")
+        if self.block_size % self.draw_batch:
+            raise InputError(f"--block-size {self.block_size} is not a multiple of --draw-batch {self.draw_batch}; "
+                             "a block must be a whole number of noise batches")
+        if self.batch < self.draw_batch:
+            raise InputError(f"--batch {self.batch} is smaller than --draw-batch {self.draw_batch}; a forward must "
+                             "hold at least one whole noise batch")
+        if self.indices is not None:
+            if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
+                raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
+        choices = {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
+                   "time_rule": ("nearest", "exact")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                flag = "--time" if name == "time_rule" else f"--{name}"
+                raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.purifier == "none":
+            object.__setattr__(self, "denoiser", None)
+        elif not self.denoiser:
+            raise InputError(f"--purifier {self.purifier} needs a --denoiser SPEC (or use --purifier none)")
+        if not self.run_dir:
+            raise InputError("--out is required: a folder or fsspec URL for the shard files")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (indices as a list); ``CertifyConfig(**d)`` rebuilds it."""
+        d = dataclasses.asdict(self)
+        d["indices"] = list(self.indices) if self.indices is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CertifyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,251 @@
+"""Validate shard files against each other and merge their unit counts into per-image counts (DESIGN.md §5).
+
+Files are grouped by ``(method, sigma)``; :func:`method_name` derives the method from the config's purifier and
+denoiser. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
+``(image, stream, block)`` may appear twice with different counts (an identical duplicate row is dropped with a
+warning). Every unit must be one the config plans: the selection unit ``(i, 0, 0)`` with ``n0`` draws (certify
+mode only) and estimation blocks ``(i, 1, b)``, ``b < ceil(n / block_size)``, with ``block_size`` draws (the last
+block the remainder). An image is *complete* when all of its planned units are present.
+
+The merge is order-independent: units are keyed and sorted, counts are summed exactly in int64, and files are
+visited in sorted path order, so the same units split over any number of files, listed in any order, give the
+same :class:`GroupCounts`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from cpcluster.errors import InputError
+from cpcluster.shards import ShardData
+
+MODES = ("certify", "predict")
+# Purifier parameters that tell methods apart. Sigma-dependent ones (t_sigma, the chosen DDPM step) must not be
+# here, or the same method at two sigmas would look like two methods and the best-over-sigma row would break.
+NAME_KEYS = ("time_rule", "steps", "solver", "label_policy")
+NAME_DEFAULTS = {"time_rule": "nearest"}
+
+
+def method_name(config: dict) -> str:
+    """Readable method name from ``config["purifier"]`` and ``config["denoiser"]``.
+
+    ``"none"`` for the identity purifier; else ``"kind(denoiser spec[, key=value ...])"`` with the non-default
+    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``.
+    """
+    pur = config.get("purifier")
+    kind = pur.get("kind") if isinstance(pur, dict) else pur
+    if not isinstance(kind, str) or not kind:
+        raise ValueError("config key 'purifier' must be an object with a 'kind' string")
+    if kind == "none":
+        return "none"
+    den = config.get("denoiser")
+    spec = den.get("spec") if isinstance(den, dict) else den
+    parts = [str(spec)] if spec else []
+    if isinstance(pur, dict):
+        parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
+    return f"{kind}({', '.join(parts)})" if parts else kind
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one file's config says about the units of every image."""
+
+    method: str
+    sigma: float
+    mode: str
+    n0: int  # 0 in predict mode
+    n: int
+    block_size: int
+    num_classes: int
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block_size)
+
+    @property
+    def units_per_image(self) -> int:
+        return self.num_blocks + (self.mode == "certify")
+
+    def expected_draws(self, stream: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """Planned ``n_draws`` of units ``(stream, block)``; ``-1`` where the plan has no such unit."""
+        last = self.n - (self.num_blocks - 1) * self.block_size
+        est = np.where(block == self.num_blocks - 1, last, self.block_size)
+        est = np.where((block >= 0) & (block < self.num_blocks), est, -1)
+        sel = np.where(block == 0, self.n0, -1) if self.mode == "certify" else np.full(block.shape, -1)
+        return np.where(stream == 0, sel, est)
+
+
+def _positive_int(config: dict, key: str, path: str) -> int:
+    v = config.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"{path}: config key '{key}' missing or not a positive integer; is this a certify shard?")
+    return v
+
+
+def run_plan(shard: ShardData) -> RunPlan:
+    """Read and check the config keys aggregation relies on (``mode`` defaults to ``certify``)."""
+    c, path = shard.config, shard.path
+    sigma = c.get("sigma")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise InputError(f"{path}: config key 'sigma' missing or not a positive number")
+    mode = c.get("mode", "certify")
+    if mode not in MODES:
+        raise InputError(f"{path}: config key 'mode' is {mode!r}; expected one of {', '.join(MODES)}")
+    try:
+        method = method_name(c)
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+    n0 = _positive_int(c, "n0", path) if mode == "certify" else 0
+    return RunPlan(method=method, sigma=float(sigma), mode=mode, n0=n0, n=_positive_int(c, "n", path),
+                   block_size=_positive_int(c, "block_size", path), num_classes=c["num_classes"])
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Merged counts of one ``(method, sigma)`` group; arrays are aligned with ``image_index`` (sorted)."""
+
+    plan: RunPlan
+    config: dict
+    config_hash: str
+    files: tuple  # sorted paths
+    image_index: np.ndarray  # (M,) int64, every image any file of the group lists
+    labels: np.ndarray  # (M,) int64
+    counts0: np.ndarray  # (M, C) int64 selection counts (zeros in predict mode)
+    counts: np.ndarray  # (M, C) int64 estimation counts
+    complete: np.ndarray  # (M,) bool, every planned unit present
+    missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
+    warnings: tuple
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    """``'key.path' (value in a vs value in b)`` for the first differing key in sorted order."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                return f"'{prefix}{key}' ({'absent' if key not in a else 'present'} vs " \
+                       f"{'absent' if key not in b else 'present'})"
+            if a[key] != b[key]:
+                return _first_difference(a[key], b[key], f"{prefix}{key}.")
+    return f"'{prefix.rstrip('.')}' ({_short(a)} vs {_short(b)})"
+
+
+def _merge_labels(shards: Sequence[ShardData]):
+    image = np.concatenate([s.image_index for s in shards])
+    label = np.concatenate([s.labels for s in shards])
+    owner = np.concatenate([np.full(len(s.image_index), i) for i, s in enumerate(shards)])
+    uniq, first, inverse = np.unique(image, return_index=True, return_inverse=True)
+    bad = np.flatnonzero(label != label[first][inverse])
+    if len(bad):
+        j = bad[0]
+        i0 = first[inverse[j]]
+        raise InputError(f"{shards[owner[i0]].path} and {shards[owner[j]].path}: image {image[j]} has label "
+                         f"{label[i0]} in one and {label[j]} in the other; the files come from different datasets")
+    return uniq, label[first]
+
+
+def _missing_shards(shards: Sequence[ShardData]) -> tuple:
+    info = [s.shard for s in shards]
+    if not all(isinstance(d.get("index"), int) and isinstance(d.get("total"), int) for d in info):
+        return ()
+    totals = {d["total"] for d in info}
+    if len(totals) != 1:
+        return ()
+    return tuple(sorted(set(range(totals.pop())) - {d["index"] for d in info}))
+
+
+def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
+    """Merge the shards of one group (all with ``plan``'s method and sigma); see the module docstring."""
+    shards = sorted(shards, key=lambda s: s.path)
+    ref = shards[0]
+    for s in shards[1:]:
+        if s.config_hash != ref.config_hash:
+            raise InputError(f"{ref.path} and {s.path}: same method {plan.method} and sigma {plan.sigma:g} but "
+                             f"different run configurations, first difference in key "
+                             f"{_first_difference(ref.config, s.config)}; aggregate them separately")
+    warnings = [f"{s.path}: marked incomplete; its unfinished units count as missing"
+                for s in shards if not s.complete]
+    image_index, labels = _merge_labels(shards)
+    m, c = len(image_index), plan.num_classes
+
+    units = np.concatenate([s.units for s in shards])
+    owner = np.concatenate([np.full(len(s.units), i, dtype=np.int64) for i, s in enumerate(shards)])
+    row = np.concatenate([np.arange(len(s.units), dtype=np.int64) for s in shards])
+    expected = plan.expected_draws(units[:, 1], units[:, 2])
+    bad = np.flatnonzero(expected != units[:, 3])
+    if len(bad):
+        j = bad[0]
+        unit = tuple(int(v) for v in units[j, :3])
+        want = "no such unit" if expected[j] < 0 else f"{expected[j]} draws"
+        raise InputError(f"{shards[owner[j]].path}: unit (image, stream, block) = {unit} has {units[j, 3]} draws "
+                         f"but the config (mode {plan.mode}, n0 {plan.n0}, n {plan.n}, block_size "
+                         f"{plan.block_size}) plans {want}; the file does not match its config")
+
+    # Duplicates: sort by (image, stream, block, file, row) so the first copy is from the first file in path order.
+    order = np.lexsort((row, owner, units[:, 2], units[:, 1], units[:, 0]))
+    key = units[order, :3]
+    dup = np.flatnonzero((key[1:] == key[:-1]).all(axis=1)) + 1
+    keep = np.ones(len(units), dtype=bool)
+    if len(dup):
+        first = dup.copy()
+        while True:  # walk back to the first copy of runs of 3+ copies
+            back = (first > 0) & np.isin(first, dup)
+            if not back.any():
+                break
+            first[back] -= 1
+        a, b = order[first], order[dup]
+        rows_a = np.stack([shards[owner[i]].counts[row[i]] for i in a])
+        rows_b = np.stack([shards[owner[i]].counts[row[i]] for i in b])
+        differ = np.flatnonzero((rows_a != rows_b).any(axis=1))
+        if len(differ):
+            i, j = a[differ[0]], b[differ[0]]
+            unit = tuple(int(v) for v in units[i, :3])
+            raise InputError(f"{shards[owner[i]].path} and {shards[owner[j]].path}: unit (image, stream, block) = "
+                             f"{unit} is in both with different counts; one of them is from another run, remove it")
+        keep[b] = False
+        pairs = {}
+        for i, j in zip(a, b):
+            pairs[(owner[i], owner[j])] = pairs.get((owner[i], owner[j]), 0) + 1
+        warnings += [f"{shards[i].path} and {shards[j].path}: {k} identical duplicate unit(s) dropped"
+                     for (i, j), k in sorted(pairs.items())]
+
+    # Sum counts per (image, stream), one file at a time (sorted rows, reduceat) to keep memory near one file.
+    acc = np.zeros((2 * m, c), dtype=np.int64)
+    per_image_units = np.zeros(m, dtype=np.int64)
+    for i, s in enumerate(shards):
+        rows = np.flatnonzero(keep[owner == i])
+        if not len(rows):
+            continue
+        slot = 2 * np.searchsorted(image_index, s.units[rows, 0]) + s.units[rows, 1]
+        srt = np.argsort(slot, kind="stable")
+        slot, rows = slot[srt], rows[srt]
+        start = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
+        acc[slot[start]] += np.add.reduceat(s.counts[rows], start, axis=0)
+        per_image_units += np.bincount(slot // 2, minlength=m)
+    missing_shards = _missing_shards(shards)
+    if missing_shards:
+        warnings.append(f"{plan.method} sigma {plan.sigma:g}: {len(missing_shards)} shard file(s) absent "
+                        f"(index {', '.join(map(str, missing_shards[:10]))}{' ...' if len(missing_shards) > 10 else ''})")
+    return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
+                       files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
+                       counts0=acc[0::2], counts=acc[1::2], complete=per_image_units == plan.units_per_image,
+                       missing_shards=missing_shards, warnings=tuple(warnings))
+
+
+def merge_shards(shards: Sequence[ShardData]) -> list:
+    """Group shards by ``(method, sigma)`` and merge each group; returns groups sorted by (method, sigma)."""
+    if not shards:
+        raise InputError("no shard files given")
+    groups: dict = {}
+    for s in shards:
+        plan = run_plan(s)
+        groups.setdefault((plan.method, plan.sigma), (plan, []))[1].append(s)
+    return [merge_group(files, plan) for _, (plan, files) in sorted(groups.items(), key=lambda kv: kv[0])]

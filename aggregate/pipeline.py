@@ -1,0 +1,127 @@
+"""``cpcluster aggregate`` as a function: shard files in, certified radii, tables and a figure out.
+
+Order of work: expand the paths, read and check every file, merge per ``(method, sigma)``, decide per image,
+render every output to bytes, and only then write. So any validation error leaves the output folder untouched;
+each file is written atomically (temp + rename).
+
+Outputs in ``out``: one TSV per group (``<method>-sigma<s>.tsv``), ``summary.json``, ``table.md`` (and
+``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options and
+the input files with their hashes: the one output that depends on how the units were split into files).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+
+from cpcluster.aggregate.evaluate import envelopes, evaluate_group
+from cpcluster.aggregate.merge import merge_shards
+from cpcluster.aggregate.plot import plot_png
+from cpcluster.aggregate.report import TABLE_FILES, summary_bytes, table_text, tsv_bytes, tsv_names
+from cpcluster.config import AggregateOptions
+from cpcluster.errors import InputError
+from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard, write_bytes_atomic
+
+PLOT_FILE = "certified_accuracy.png"
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What one run produced: the groups' results, the printed table, warnings, and the files written."""
+
+    results: list
+    envelopes: list
+    table: str  # in options.format
+    warnings: list
+    out: str
+    written: list
+
+
+def default_out(paths: list) -> str:
+    """``<deepest folder that holds every input file>/aggregate`` (same protocol for all, else an error)."""
+    split = [fsspec.core.split_protocol(p) for p in paths]
+    protocols = {proto for proto, _ in split}
+    if len(protocols) != 1:
+        raise InputError("inputs on different filesystems: give --out")
+    proto = protocols.pop()
+    if proto in (None, "file"):
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for _, p in split])
+        return os.path.join(folder, "aggregate")
+    folder = posixpath.commonpath([posixpath.dirname(p) for _, p in split])
+    return f"{proto}://{folder.lstrip('/')}/aggregate" if proto != "memory" else f"memory://{folder}/aggregate"
+
+
+def input_files(patterns) -> list:
+    """:func:`cpcluster.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
+    (folders without any, like an earlier ``aggregate`` output, are skipped)."""
+    out = []
+    for p in expand_paths(patterns):
+        fs, path = fsspec.core.url_to_fs(p)
+        if not fs.isdir(path):
+            out.append(p)
+        elif fs.glob(path.rstrip("/") + "/" + SHARD_GLOB):
+            out += expand_paths([p])
+    if not out:
+        raise InputError(f"{' '.join(patterns)}: matches folders only, none holding {SHARD_GLOB} files")
+    return sorted(dict.fromkeys(out))
+
+
+def build_outputs(opts: AggregateOptions):
+    """Everything up to (not including) writing: ``(results, envelopes, {file name: bytes}, table, warnings)``."""
+    files = input_files(opts.paths)
+    shards = [read_shard(p) for p in files]
+    groups = merge_shards(shards)
+    warnings = [w for g in groups for w in g.warnings]
+    results = [evaluate_group(g, opts.alpha, opts.radii, opts.allow_partial) for g in groups]
+    for r in results:
+        p = r.group.plan
+        if len(r.missing):
+            head = ", ".join(map(str, r.missing[:10].tolist())) + (" ..." if len(r.missing) > 10 else "")
+            warnings.append(f"{p.method} sigma {p.sigma:g}: {len(r.missing)} image(s) with missing units excluded "
+                            f"(index {head}); see summary.json, or --allow-partial to use the draws present")
+        if len(r.partial):
+            warnings.append(f"{p.method} sigma {p.sigma:g}: {len(r.partial)} image(s) decided with fewer draws "
+                            "than planned (--allow-partial); the TSV's n0 and n columns give them")
+    envs = envelopes(results)
+    for e in envs:
+        sets = {tuple(r.idx.tolist()) for r in results if r.group.plan.method == e.method
+                and r.group.plan.mode == "certify"}
+        if len(sets) > 1:
+            warnings.append(f"{e.method}: the sigmas were evaluated on different image sets; the best-over-sigma "
+                            "row compares unlike sets")
+    outputs = {name: tsv_bytes(r) for r, name in zip(results, tsv_names(results))}
+    outputs["summary.json"] = summary_bytes(results, envs, opts.alpha, opts.radii, opts.allow_partial)
+    outputs[TABLE_FILES["md"]] = table_text(results, envs, opts.radii, "md").encode("utf-8")
+    table = table_text(results, envs, opts.radii, opts.format)
+    outputs[TABLE_FILES[opts.format]] = table.encode("utf-8")
+    if opts.plot:
+        png = plot_png(results, envs, opts.radii)
+        if png is not None:
+            outputs[PLOT_FILE] = png
+    inputs = {"options": opts.to_dict(), "warnings": warnings,
+              "files": [{"path": s.path, "config_hash": s.config_hash, "complete": s.complete, "shard": s.shard,
+                         "units": int(len(s.units))} for s in sorted(shards, key=lambda s: s.path)]}
+    outputs["inputs.json"] = (json.dumps(inputs, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    return results, envs, outputs, table, warnings, files
+
+
+def run_aggregate(opts: AggregateOptions) -> AggregateResult:
+    """Run the whole aggregation; raises :class:`InputError` before writing anything if any input is bad."""
+    results, envs, outputs, table, warnings, files = build_outputs(opts)
+    out = opts.out or default_out(files)
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path) and not fs.isdir(path):
+        raise InputError(f"--out {out}: exists and is not a folder; give a folder")
+    written = []
+    for name in sorted(outputs):
+        url = join_url(out, name)
+        try:
+            write_bytes_atomic(url, outputs[name])
+        except OSError as e:
+            raise InputError(f"--out {out}: cannot write {name} ({e.strerror or e})") from None
+        written.append(url)
+    return AggregateResult(results=results, envelopes=envs, table=table, warnings=warnings, out=out,
+                           written=written)

@@ -1,0 +1,141 @@
+"""Render aggregation results as bytes: Cohen-compatible TSV, ``summary.json`` and the paper's Table 2.
+
+Everything here is a pure function of the results (no file names of the inputs, no times), so the same units
+split over any number of files give byte-identical outputs. Number formats are fixed: radii with 6 decimals in
+the TSV, full ``repr`` precision in JSON (NaN written as ``null``), percentages with 1 decimal in tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+from cpcluster.aggregate.evaluate import Envelope, GroupResult
+
+TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tn0\tn\n"
+FORMATS = ("md", "latex", "csv")
+TABLE_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv"}
+
+
+def tsv_names(results: Sequence[GroupResult]) -> list:
+    """File name of each group's TSV: ``<method slug>-sigma<sigma>.tsv``, made unique in result order."""
+    names, seen = [], set()
+    for r in results:
+        slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", r.group.plan.method).strip("-") or "method"
+        base = f"{slug}-sigma{r.group.plan.sigma:g}"
+        name, k = base + ".tsv", 2
+        while name in seen:
+            name, k = f"{base}-{k}.tsv", k + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def tsv_bytes(result: GroupResult) -> bytes:
+    """Cohen's ``certify`` output columns ``idx label predict radius correct`` (predict -1 = abstain, radius 0.0
+    on abstain), then ``n0 n``: the draws each image was decided with (fewer than planned only with
+    ``--allow-partial``). Readers that select columns by name (Cohen's ``analyze.py``) read it unchanged."""
+    lines = [TSV_HEADER]
+    for row in zip(result.idx.tolist(), result.label.tolist(), result.predict.tolist(), result.radius.tolist(),
+                   result.correct.tolist(), result.n0.tolist(), result.n.tolist()):
+        lines.append("%d\t%d\t%d\t%.6f\t%d\t%d\t%d\n" % row)
+    return "".join(lines).encode("utf-8")
+
+
+def _num(x):
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def summary_dict(results: Sequence[GroupResult], envs: Sequence[Envelope], alpha: float,
+                 radii: Sequence[float], allow_partial: bool) -> dict:
+    """The content of ``summary.json`` (see :func:`summary_bytes`)."""
+    names = tsv_names(results)
+    groups = []
+    for r, name in zip(results, names):
+        p = r.group.plan
+        groups.append({
+            "method": p.method, "sigma": p.sigma, "mode": p.mode, "n0": p.n0, "n": p.n,
+            "num_classes": p.num_classes, "config_hash": r.group.config_hash, "tsv": name,
+            "images_listed": int(len(r.group.image_index)), "images_evaluated": int(len(r.idx)),
+            "images_missing": r.missing.tolist(), "images_partial": r.partial.tolist(),
+            "missing_shards": list(r.group.missing_shards),
+            "certified_accuracy": [_num(v) for v in r.certified_accuracy],
+            "acr": _num(r.acr), "abstain_rate": _num(r.abstain_rate),
+        })
+    best = [{"method": e.method, "sigmas": list(e.sigmas),
+             "certified_accuracy": [_num(v) for v in e.certified_accuracy], "best_sigma": list(e.best_sigma)}
+            for e in envs]
+    return {"alpha": float(alpha), "radii": [float(v) for v in radii], "allow_partial": bool(allow_partial),
+            "radius_space": "L2 in pixel space [0,1]", "groups": groups, "best_over_sigma": best}
+
+
+def summary_bytes(results, envs, alpha, radii, allow_partial) -> bytes:
+    """``summary.json``: alpha, radii, per group (method, sigma, mode, n0, n, images evaluated, missing image
+    indices, partial image indices, certified accuracy per radius, ACR, abstain rate, TSV name) and the
+    best-over-sigma row per method. Sorted keys, 1-space indent, trailing newline."""
+    d = summary_dict(results, envs, alpha, radii, allow_partial)
+    return (json.dumps(d, indent=1, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------ table
+def table_rows(results: Sequence[GroupResult], envs: Sequence[Envelope]) -> list:
+    """Table 2 rows ``(method, sigma text, images text, [accuracy or None per radius], acr or None)``: each
+    method's groups by sigma, then its "best" row when it has two or more certify-mode sigmas."""
+    env = {e.method: e for e in envs}
+    rows = []
+    methods = sorted({r.group.plan.method for r in results})
+    for method in methods:
+        rs = [r for r in results if r.group.plan.method == method]
+        for r in rs:
+            sigma = f"{r.group.plan.sigma:g}" + (" (predict)" if r.group.plan.mode == "predict" else "")
+            rows.append((method, sigma, str(len(r.idx)), [_num(v) for v in r.certified_accuracy], _num(r.acr)))
+        if method in env and len(env[method].sigmas) > 1:
+            rows.append((method, "best", "", [_num(v) for v in env[method].certified_accuracy], None))
+    return rows
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def table_text(results, envs, radii: Sequence[float], fmt: str = "md") -> str:
+    """The paper's Table 2 layout: certified accuracy (%) at each radius, rows method x sigma then "best"."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}")
+    rows = table_rows(results, envs)
+    heads = [f"r={r:g}" for r in radii]
+    if fmt == "csv":
+        out = ["method,sigma,images," + ",".join(heads) + ",acr"]
+        for method, sigma, images, accs, acr in rows:
+            cells = [f'"{method}"' if "," in method else method, sigma, images, *map(_pct, accs),
+                     "" if acr is None else f"{acr:.3f}"]
+            out.append(",".join(cells))
+        return "\n".join(out) + "\n"
+    if fmt == "latex":
+        esc = lambda s: re.sub(r"([_%&#$^{}~\\])", r"\\\1", s)  # noqa: E731
+        out = [r"\begin{tabular}{ll" + "r" * (len(radii) + 2) + "}", r"\toprule",
+               r"Method & $\sigma$ & images & " + " & ".join(f"${r:g}$" for r in radii) + r" & ACR \\",
+               r"\midrule"]
+        prev = None
+        for method, sigma, images, accs, acr in rows:
+            if prev is not None and method != prev:
+                out.append(r"\midrule")
+            label = "best over $\\sigma$" if sigma == "best" else esc(sigma)
+            out.append(" & ".join([esc(method), label, images, *map(_pct, accs),
+                                   "" if acr is None else f"{acr:.3f}"]) + r" \\")
+            prev = method
+        return "\n".join(out + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+    cells = [["Method", "sigma", "images", *heads, "ACR"]]
+    for method, sigma, images, accs, acr in rows:
+        cells.append([method, "best over sigma" if sigma == "best" else sigma, images, *map(_pct, accs),
+                      "" if acr is None else f"{acr:.3f}"])
+    width = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    fmt_row = lambda c: "| " + " | ".join(x.ljust(w) if i < 2 else x.rjust(w)  # noqa: E731
+                                          for i, (x, w) in enumerate(zip(c, width))) + " |"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= 2 else (":" + "-" * (w + 1))
+                          for i, w in enumerate(width)) + "|"
+    return "\n".join([fmt_row(cells[0]), rule, *map(fmt_row, cells[1:])]) + "\n"
