@@ -21,6 +21,14 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS) tests
 
+# A real SLURM cluster on this machine (root; Debian packages): 2 slurmd nodes, slurmdbd for sacct, a low
+# MaxArraySize so that array splitting is exercised. The cluster is always stopped; pytest's exit code is kept.
+SLURM_UP ?= NODES=2 WITH_SLURMDBD=1 MAX_ARRAY_SIZE=5
+test-slurm: install
+	@trap 'bash cpcluster/cluster/slurm-down.sh' EXIT; trap 'exit 130' INT TERM; \
+	$(SLURM_UP) bash cpcluster/cluster/slurm-up.sh && \
+	CPCLUSTER_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests/slurm
+
 demo: install
 	$(VENV)/bin/cpcluster demo
 

@@ -1,0 +1,33 @@
+"""A 2-node job across the two slurmd nodes, with torch.distributed (gloo) through submitit."""
+import functools
+import json
+import subprocess
+
+import pytest
+
+import slurm_probes
+from cpcluster.slurm import SlurmOptions, make_executor, submit_array
+
+pytestmark = pytest.mark.slurm
+
+
+def _node_count():
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout
+    return len(set(out.split()))
+
+
+def test_two_node_gloo_all_reduce(tmp_path, logs):
+    if _node_count() < 2:
+        pytest.skip("needs a cluster with 2 nodes (make test-slurm starts NODES=2)")
+    out = tmp_path / "out"
+    out.mkdir()
+    ex = make_executor(logs, SlurmOptions(nodes=2, tasks_per_node=1, time_min=5, job_name="cpc-test-ddp"))
+    (job,) = submit_array(ex, [functools.partial(slurm_probes.ddp_probe, str(out))])
+    results = job.results()  # one per rank
+    reports = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in results] == [0, 1] and results == reports
+    assert {r["node"] for r in reports} == {"n1", "n2"}  # really on both slurmd nodes
+    assert all(r["world_size"] == 2 and r["master_addr"] == reports[0]["node"] for r in reports)
+    assert [r["all_reduce_sum"] for r in reports] == [3.0, 3.0]  # (0 + 1) + (1 + 1)
+    assert all(r["nodes_seen"] == [reports[0]["node"], reports[1]["node"]] for r in reports)
+
