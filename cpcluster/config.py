@@ -150,3 +150,97 @@ class CertifyConfig:
     def from_dict(cls, d: dict) -> "CertifyConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ------------------------------------------------------------------------------------------------------- finetune
+FINETUNE_LOSSES = ("lpips", "l2", "l1")
+LPIPS_NETS = ("vgg", "alex")
+# Fields that may change between a run and its resumption without changing what is trained: where it runs, how
+# often it logs/evaluates/checkpoints (and with which classifier), and how many steps it goes to (no learning-rate
+# schedule depends on it).
+FINETUNE_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", "steps", "log_every", "eval_every",
+                                  "checkpoint_every", "keep_checkpoints", "eval_batch", "classifier"})
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One consistency fine-tuning run (DESIGN.md section 1, ``jobs/finetune.py``).
+
+    Loss ``E_{x, s ~ U{sigmas}, z} loss(x, D(x + 2 s z, t_s))`` in model space [-1, 1]; ``sigmas`` are pixel-space
+    smoothing levels. ``batch_size`` is the *global* batch, split evenly over ``nodes * ranks_per_node`` ranks.
+    Invalid values raise :class:`InputError` at construction, so a config that exists is a valid one.
+    """
+
+    model: str
+    data: str
+    out: str
+    sigmas: tuple = (0.25, 0.5, 1.0)
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    loss: str = "lpips"
+    lpips_net: str = "vgg"
+    lpips_resize: int = 224  # bilinear upsampling before LPIPS (0 = native size), as in the reference run
+    lpips_random_backbone: bool = False  # tests and the demo only: LPIPS on a seeded random VGG/AlexNet
+    ema_decay: float = 0.999  # 0 = no EMA; the exported weights are the EMA when it is on
+    grad_clip: float = 1.0  # max global gradient L2 norm (0 = off)
+    time_rule: str = "nearest"
+    purifier_label: str = "fixed:0"  # labels a class-conditional network sees (never the true label)
+    seed: int = 0
+    eval_data: str | None = None  # None: hold out the last eval_images images of `data` (not trained on)
+    eval_images: int = 256
+    eval_every: int = 500  # 0 = only at the start and the end
+    eval_batch: int = 128
+    classifier: str | None = None  # accuracy of classifier(purify(x + noise)) per sigma when given
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    nodes: int = 1
+    ranks_per_node: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        bad = [s for s in self.sigmas if not s > 0]
+        if not self.sigmas or bad:
+            raise InputError(f"--sigmas {','.join(map(str, self.sigmas)) or '(empty)'}: "
+                             f"{'%g is not positive; ' % bad[0] if bad else ''}give one or more positive "
+                             "pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+        for name in ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("eval_images", "eval_every", "lpips_resize"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
+        if self.batch_size % self.world_size:
+            raise InputError(f"--batch-size {self.batch_size} is not divisible by the {self.world_size} ranks "
+                             f"({self.nodes} nodes x {self.ranks_per_node}); use a multiple of {self.world_size}")
+        if not self.lr > 0:
+            raise InputError(f"--lr {self.lr}: must be positive")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or positive")
+        choices = {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if not self.out:
+            raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * int(self.ranks_per_node)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (sigmas as a list)."""
+        d = dataclasses.asdict(self)
+        d["sigmas"] = list(self.sigmas)
+        return d
+
+    def run_dict(self) -> dict:
+        """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
+        return {k: v for k, v in self.to_dict().items() if k not in FINETUNE_RESUME_FREE}

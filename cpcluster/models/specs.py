@@ -33,7 +33,7 @@ def _ensure_adapters() -> None:
     import cpcluster.demo.models  # noqa: F401
     import importlib.util
 
-    for name in ("cpcluster.models.adapters", "cpcluster.models.datasets"):
+    for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
 

@@ -1,0 +1,134 @@
+"""``cpcluster finetune``: parse, validate, build a FinetuneConfig, run the pre-submit checks, submit the DDP job."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from cpcluster.config import FINETUNE_LOSSES, LPIPS_NETS, FinetuneConfig
+from cpcluster.errors import InputError
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+
+
+def parse_sigmas(text: str) -> tuple:
+    """``"0.25,0.5,1.0"`` -> ``(0.25, 0.5, 1.0)``; positivity is checked by :class:`FinetuneConfig`."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(float(t) for t in items)
+    except ValueError:
+        raise InputError(f"--sigmas {text!r}: give comma-separated numbers, e.g. --sigmas 0.25,0.5,1.0") from None
+
+
+def make_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int, timeout_min: int,
+                  partition: str | None, cpus_per_task: int | None):
+    """A submitit executor for one DDP job of ``nodes x ranks_per_node`` tasks; returns ``(executor, name)``.
+
+    A minimal factory local to this command; it could fold into a shared executor factory later.
+    """
+    import submitit
+
+    if kind == "debug":
+        if nodes * ranks_per_node != 1:
+            raise InputError("--executor debug runs one process in this one: use --nodes 1 and one rank")
+        return submitit.DebugExecutor(folder=folder), "debug"
+    if kind == "slurm" or kind == "auto":
+        executor = submitit.AutoExecutor(folder=folder, cluster=None if kind == "auto" else "slurm")
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    name = executor.cluster
+    if name == "local" and nodes != 1:
+        raise InputError(f"--nodes {nodes}: the local executor runs on this machine only; use --nodes 1 or "
+                         "--executor slurm")
+    params = {"name": "cpcluster-finetune", "timeout_min": timeout_min, "nodes": nodes,
+              "tasks_per_node": ranks_per_node, "gpus_per_node": gpus_per_node}
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    if partition:
+        params["slurm_partition"] = partition
+    executor.update_parameters(**params)
+    return executor, name
+
+
+@click.command("finetune", context_settings={"show_default": True})
+@click.option("--model", required=True, help="Denoiser spec to start from (a consistency model), e.g. demo.")
+@click.option("--data", required=True, help="Training images, a dataset spec, e.g. demo:train.")
+@click.option("--eval-data", default=None, help="Held-out images (default: the last --eval-images of --data).")
+@click.option("--out", required=True, help="Output folder or fsspec URL: checkpoints/, metrics.jsonl, final/.")
+@click.option("--sigmas", default="0.25,0.5,1.0", help="Pixel-space smoothing levels the model will serve.")
+@click.option("--steps", default=2000, type=int, help="Optimizer steps (rerun with more to continue a run).")
+@click.option("--batch-size", default=64, type=int, help="Global batch, split evenly across all ranks.")
+@click.option("--lr", default=1e-4, type=float, help="RAdam learning rate.")
+@click.option("--loss", type=click.Choice(FINETUNE_LOSSES), default="lpips", help="lpips, or the l2/l1 ablations.")
+@click.option("--lpips-net", type=click.Choice(LPIPS_NETS), default="vgg", help="LPIPS trunk.")
+@click.option("--lpips-resize", default=224, type=int, help="Bilinear upsampling before LPIPS (0: native size).")
+@click.option("--lpips-random-backbone", is_flag=True, help="Random LPIPS trunk: tests and demos ONLY.")
+@click.option("--ema-decay", default=0.999, type=float, help="EMA of the weights, exported (0: off, export raw).")
+@click.option("--grad-clip", default=1.0, type=float, help="Max gradient norm (0: off).")
+@click.option("--time-rule", type=click.Choice(["nearest", "exact"]), default="nearest", help="t_sigma rule.")
+@click.option("--purifier-label", default="fixed:0", help="Labels for class-conditional nets: fixed:K | random.")
+@click.option("--classifier", default=None, help="Classifier spec: also report accuracy of clf(purify(x+noise)).")
+@click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
+@click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")
+@click.option("--eval-batch", default=128, type=int)
+@click.option("--checkpoint-every", default=500, type=int, help="Checkpoint every K steps (and at the end).")
+@click.option("--log-every", default=10, type=int)
+@click.option("--seed", default=0, type=int, help="Data order, noise and the random LPIPS trunk.")
+@click.option("--nodes", default=1, type=int, help="Nodes of the DDP job.")
+@click.option("--gpus-per-node", default=0, type=int, help="GPUs per node, one rank each (0: CPU ranks).")
+@click.option("--ranks-per-node", default=None, type=int, help="CPU ranks per node (default: 1).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", help="auto: SLURM if present, else local.")
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--timeout-min", default=24 * 60, type=int, help="Job time limit; submitit requeues on timeout.")
+@click.option("--cpus-per-task", default=None, type=int)
+@click.option("--log-dir", default=None, help="submitit logs (default: <out>/submitit, must be local/shared).")
+@click.option("--wait", is_flag=True, help="Wait for the job and print each rank's summary.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the config; submit nothing.")
+def finetune(executor, partition, timeout_min, cpus_per_task, log_dir, wait, dry_run, sigmas, gpus_per_node,
+             ranks_per_node, **options):
+    """Fine-tune a consistency model with LPIPS on its purification task (multi-node DDP through submitit).
+
+    \b
+    Examples:
+      cpcluster finetune --model demo-random --data demo:train --eval-data demo --steps 20 --batch-size 16 \\
+          --lpips-random-backbone --lpips-net alex --lpips-resize 32 --executor local --out runs/ft-demo --wait
+      cpcluster finetune --nodes 4 --gpus-per-node 8 --model diffusers:/ckpt/cd_imagenet64_lpips \\
+          --data npz:/data/imagenet64_train.npz --sigmas 0.25,0.5,1.0 --out /shared/runs/ft --executor slurm
+    The result, <out>/final, certifies with `cpcluster certify --denoiser finetuned:<out>/final`.
+    """
+    if gpus_per_node < 0:
+        raise InputError(f"--gpus-per-node {gpus_per_node}: must be 0 (CPU) or more")
+    if gpus_per_node and ranks_per_node not in (None, gpus_per_node):
+        raise InputError(f"--ranks-per-node {ranks_per_node}: with GPUs there is one rank per GPU; drop it")
+    ranks = gpus_per_node or ranks_per_node or 1
+    config = FinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks,
+                            device="cuda" if gpus_per_node else "cpu", **options)
+    from cpcluster.jobs.finetune import FinetuneJob, preflight
+    from cpcluster.losses import RANDOM_BACKBONE_WARNING
+    from cpcluster.shards import is_local, join_url
+
+    preflight(config)
+    if config.lpips_random_backbone:
+        click.secho(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net), fg="red", bold=True, err=True)
+    folder = log_dir or (join_url(config.out, "submitit") if is_local(config.out) else os.path.abspath("submitit"))
+    if dry_run:
+        click.echo(json.dumps({"config": config.to_dict(), "executor": executor, "log_dir": folder}, indent=2))
+        return
+    ex, name = make_executor(executor, os.path.join(folder, "%j"), config.nodes, ranks, gpus_per_node, timeout_min,
+                             partition, cpus_per_task)
+    job = ex.submit(FinetuneJob(config))
+    device = f"{gpus_per_node} GPU(s)" if gpus_per_node else "CPU"
+    click.echo(f"executor: {name} ({config.nodes} node(s) x {ranks} rank(s), {device}); job {job.job_id}")
+    click.echo(f"logs: {os.path.join(folder, str(job.job_id))}")
+    click.echo(f"result (when done): {join_url(config.out, 'final')} -> --denoiser finetuned:"
+               f"{join_url(config.out, 'final')}")
+    if wait or name == "debug":
+        try:
+            results = job.results()
+        except Exception as e:  # submitit's FailedJobError carries the job's traceback
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise click.ClickException(f"job {job.job_id} failed: {last[0].strip()[:300]} (logs: {folder})")
+        for r in results:
+            click.echo(f"rank {r['rank']}/{r['world_size']}: step {r['start_step']} -> {r['step']}, "
+                       f"weights sha256 {r['param_sha256'][:16]}, {r['train_samples_per_s'] or 0:.1f} samples/s")

@@ -1,0 +1,136 @@
+"""Held-out evaluation of a fine-tuning run, and the curves PNG.
+
+Every ``eval_every`` steps (and at the start and the end) the exported weights (the EMA when kept) purify
+held-out images at each training sigma through ``build_purifier("consistency", ...)``, the very purifier that
+certification uses, and we report per sigma
+
+* ``lpips``: mean LPIPS(purified, clean), computed like the training loss (model space, same resize);
+* ``l2``: mean Euclidean distance ``||purified - clean||_2`` in pixel space [0, 1] (the norm of the radii);
+* ``acc``: accuracy of ``classifier(purified)`` when a classifier is given (else None).
+
+The evaluation noise is fixed for the whole run: batch ``j`` of sigma ``i`` draws from a generator seeded by
+``(seed, EVAL_STREAM, i, j)``, so the curves compare weights, not noise, and do not depend on the world size
+(batch ``j`` runs on rank ``j % world_size``; sums are all-reduced).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from cpcluster import dist
+from cpcluster.models.consistency import pixel_to_model
+from cpcluster.models.loaded import LoadedDenoiser
+from cpcluster.models.purifiers import LabelPolicy, build_purifier
+
+TRAIN_STREAM, NOISE_STREAM, EVAL_STREAM = 0, 1, 2
+
+
+def derive_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed that is a function of ``(seed, *key)`` only (numpy SeedSequence spawn key)."""
+    state = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in key)).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class Evaluator:
+    """Purified-vs-clean metrics per sigma on the held-out images ``dataset[indices]``.
+
+    Parameters
+    ----------
+    config : the run's ``FinetuneConfig`` (sigmas, time_rule, purifier_label, eval_batch, seed).
+    dataset, indices : an ``ImageDataset`` and the (E,) held-out image indices into it.
+    perceptual : a ``PerceptualLoss`` (model space in, (B,) out).
+    base : the ``LoadedDenoiser`` the run started from (kind and meta; its module is not used).
+    classifier : a ``LoadedClassifier`` (pixel-space input) or None.
+    """
+
+    def __init__(self, config, dataset, indices, perceptual, base: LoadedDenoiser, classifier=None,
+                 device: str = "cpu", autocast: bool = False):
+        self.config = config
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.perceptual = perceptual
+        self.base = base
+        self.classifier = classifier.module.to(device).eval() if classifier is not None else None
+        self.device = torch.device(device)
+        self.autocast = autocast
+
+    def batches(self) -> list[tuple[int, np.ndarray]]:
+        """``[(j, image indices of global batch j), ...]`` for the batches this rank evaluates."""
+        size = self.config.eval_batch
+        starts = range(0, len(self.indices), size)
+        return [(j, self.indices[s:s + size]) for j, s in enumerate(starts) if j % dist.world_size() == dist.rank()]
+
+    @torch.no_grad()
+    def __call__(self, module: torch.nn.Module, step: int, which: str) -> list[dict]:
+        """Evaluate ``module`` (the raw network F, model space) at every sigma; one record per sigma (all ranks)."""
+        was_training = module.training
+        module.eval()
+        denoiser = LoadedDenoiser(module, self.base.kind, self.base.meta, self.base.spec, self.base.sha256)
+        sums = torch.zeros(len(self.config.sigmas), 4, dtype=torch.float64, device=self.device)
+        for i, sigma in enumerate(self.config.sigmas):
+            purifier = build_purifier("consistency", denoiser, sigma, time_rule=self.config.time_rule,
+                                      label_policy=LabelPolicy(self.config.purifier_label))
+            for j, idx in self.batches():
+                x, labels = self.dataset.get(idx)
+                x = torch.from_numpy(x)
+                gen = torch.Generator().manual_seed(derive_seed(self.config.seed, EVAL_STREAM, i, j))
+                noisy = (x + sigma * torch.randn(x.shape, generator=gen)).to(self.device)
+                x = x.to(self.device)
+                label_gen = torch.Generator(device=self.device).manual_seed(
+                    derive_seed(self.config.seed, EVAL_STREAM, i, j, 1))
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    purified = purifier(noisy, label_gen).float()
+                    lp = self.perceptual(pixel_to_model(purified), pixel_to_model(x)).float()
+                    correct = 0
+                    if self.classifier is not None:
+                        pred = self.classifier(purified).argmax(1).cpu()
+                        correct = int((pred == torch.from_numpy(labels)).sum())
+                sums[i, 0] += lp.double().sum()
+                sums[i, 1] += (purified - x).flatten(1).double().norm(dim=1).sum()
+                sums[i, 2] += correct
+                sums[i, 3] += len(idx)
+        dist.all_reduce_sum(sums)
+        module.train(was_training)
+        records = []
+        for i, sigma in enumerate(self.config.sigmas):
+            n = max(float(sums[i, 3]), 1.0)
+            records.append({
+                "kind": "eval", "step": int(step), "sigma": float(sigma), "weights": which,
+                "t_sigma": build_purifier("consistency", denoiser, sigma, time_rule=self.config.time_rule).t,
+                "lpips": float(sums[i, 0]) / n, "l2": float(sums[i, 1]) / n,
+                "acc": float(sums[i, 2]) / n if self.classifier is not None else None, "images": int(sums[i, 3]),
+            })
+        return records
+
+
+def plot_curves(records: list[dict], url: str) -> None:
+    """Training loss and per-sigma eval LPIPS / L2 / accuracy against step, as one PNG written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no backend selection, no global state
+
+    from cpcluster.shards import write_bytes_atomic
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    panels = [("loss", "training loss (global batch)"), ("lpips", "held-out LPIPS(purified, clean)"),
+              ("l2", "held-out L2(purified, clean), pixel space")]
+    if any(r.get("acc") is not None for r in evals):
+        panels.append(("acc", "held-out accuracy of classifier(purified)"))
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, title) in zip(axes, panels):
+        if key == "loss":
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+        else:
+            for sigma in sorted({r["sigma"] for r in evals}):
+                rows = [r for r in evals if r["sigma"] == sigma and r.get(key) is not None]
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=f"sigma={sigma:g}")
+            if evals:
+                ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(url, buf.getvalue())
