@@ -49,3 +49,198 @@ class AggregateOptions:
         d = dataclasses.asdict(self)
         d["paths"], d["radii"] = list(self.paths), list(self.radii)
         return d
+
+
+# -------------------------------------------------------------------------------------------------------- certify
+CERTIFY_MODES = ("certify", "predict")
+CERTIFY_DTYPES = ("float32", "bfloat16", "float16")
+CERTIFY_DEVICES = ("auto", "cpu", "cuda")
+# Fields that do not change the counts' meaning: they stay out of the shard config and its hash, so a run can be
+# resumed with other values (where it runs, how it is split, how many draws go through one forward).
+CERTIFY_RUN_FREE = frozenset({"run_dir", "num_shards", "batch", "device", "threads", "tune_malloc"})
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """One certification run at one pixel-space ``sigma`` (DESIGN.md sections 1, 3, 4; ``jobs/certify.py``).
+
+    The run's shards go to ``run_dir``. Per image: ``n0`` selection draws (one unit) and ``n`` estimation draws
+    in blocks of ``block_size``; ``mode="predict"`` has no selection draws. Noise is drawn in batches of
+    ``draw_batch`` (a block is a whole number of them) and ``batch`` draws go through one forward. Images:
+    ``indices`` (default: the whole dataset), then every ``skip``-th of them, then the first ``max_images``.
+    Invalid values raise :class:`InputError` at construction, so a config that exists is a valid one.
+    """
+
+    sigma: float
+    run_dir: str
+    num_shards: int = 1
+    n0: int = 100
+    n: int = 100_000
+    batch: int = 1000
+    block_size: int = 10_000
+    draw_batch: int = 100
+    seed: int = 0
+    skip: int = 1
+    max_images: int | None = None
+    indices: tuple | None = None
+    dataset: str = "demo"
+    denoiser: str | None = "demo"  # None: no denoiser (purifier "none")
+    classifier: str = "demo"
+    purifier: str = "consistency"
+    time_rule: str = "nearest"
+    steps: int | None = None
+    purifier_label: str = "fixed:0"
+    mode: str = "certify"
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None  # torch threads per shard process (None: torch's default)
+    tune_malloc: bool = True  # glibc mallopt at job start on CPU (DESIGN.md section 6)
+
+    def __post_init__(self):
+        sigma = float(self.sigma)
+        if not 0.0 < sigma < float("inf"):
+            raise InputError(f"--sigma {self.sigma}: must be a positive pixel-space noise level, e.g. --sigma 0.5")
+        object.__setattr__(self, "sigma", sigma)
+        if self.indices is not None:
+            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+        low = {"num_shards": ("--shards", 1), "n": ("--n", 1), "batch": ("--batch", 1),
+               "block_size": ("--block-size", 1), "draw_batch": ("--draw-batch", 1), "skip": ("--skip", 1),
+               "seed": ("--seed", 0), "n0": ("--n0", 1 if self.mode == "certify" else 0)}
+        for name, (flag, least) in low.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"{flag} {value}: must be an integer >= {least}")
+        if self.seed >= 2**63:
+            raise InputError(f"--seed {self.seed}: must be below 2**63")
+        if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
+            raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise InputError(f"--steps {self.steps}: must be at least 1")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InputError(f"threads {self.threads}: must be at least 1")
+        if self.block_size % self.draw_batch:
+            raise InputError(f"--block-size {self.block_size} is not a multiple of --draw-batch {self.draw_batch}; "
+                             "a block must be a whole number of noise batches")
+        if self.batch < self.draw_batch:
+            raise InputError(f"--batch {self.batch} is smaller than --draw-batch {self.draw_batch}; a forward must "
+                             "hold at least one whole noise batch")
+        if self.indices is not None:
+            if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
+                raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
+        choices = {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
+                   "time_rule": ("nearest", "exact")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                flag = "--time" if name == "time_rule" else f"--{name}"
+                raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.purifier == "none":
+            object.__setattr__(self, "denoiser", None)
+        elif not self.denoiser:
+            raise InputError(f"--purifier {self.purifier} needs a --denoiser SPEC (or use --purifier none)")
+        if not self.run_dir:
+            raise InputError("--out is required: a folder or fsspec URL for the shard files")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (indices as a list); ``CertifyConfig(**d)`` rebuilds it."""
+        d = dataclasses.asdict(self)
+        d["indices"] = list(self.indices) if self.indices is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CertifyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ------------------------------------------------------------------------------------------------------- finetune
+FINETUNE_LOSSES = ("lpips", "l2", "l1")
+LPIPS_NETS = ("vgg", "alex")
+# Fields that may change between a run and its resumption without changing what is trained: where it runs, how
+# often it logs/evaluates/checkpoints (and with which classifier), and how many steps it goes to (no learning-rate
+# schedule depends on it).
+FINETUNE_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", "steps", "log_every", "eval_every",
+                                  "checkpoint_every", "keep_checkpoints", "eval_batch", "classifier"})
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One consistency fine-tuning run (DESIGN.md section 1, ``jobs/finetune.py``).
+
+    Loss ``E_{x, s ~ U{sigmas}, z} loss(x, D(x + 2 s z, t_s))`` in model space [-1, 1]; ``sigmas`` are pixel-space
+    smoothing levels. ``batch_size`` is the *global* batch, split evenly over ``nodes * ranks_per_node`` ranks.
+    Invalid values raise :class:`InputError` at construction, so a config that exists is a valid one.
+    """
+
+    model: str
+    data: str
+    out: str
+    sigmas: tuple = (0.25, 0.5, 1.0)
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    loss: str = "lpips"
+    lpips_net: str = "vgg"
+    lpips_resize: int = 224  # bilinear upsampling before LPIPS (0 = native size), as in the reference run
+    lpips_random_backbone: bool = False  # tests and the demo only: LPIPS on a seeded random VGG/AlexNet
+    ema_decay: float = 0.999  # 0 = no EMA; the exported weights are the EMA when it is on
+    grad_clip: float = 1.0  # max global gradient L2 norm (0 = off)
+    time_rule: str = "nearest"
+    purifier_label: str = "fixed:0"  # labels a class-conditional network sees (never the true label)
+    seed: int = 0
+    eval_data: str | None = None  # None: hold out the last eval_images images of `data` (not trained on)
+    eval_images: int = 256
+    eval_every: int = 500  # 0 = only at the start and the end
+    eval_batch: int = 128
+    classifier: str | None = None  # accuracy of classifier(purify(x + noise)) per sigma when given
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    nodes: int = 1
+    ranks_per_node: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        bad = [s for s in self.sigmas if not s > 0]
+        if not self.sigmas or bad:
+            raise InputError(f"--sigmas {','.join(map(str, self.sigmas)) or '(empty)'}: "
+                             f"{'%g is not positive; ' % bad[0] if bad else ''}give one or more positive "
+                             "pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+        for name in ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("eval_images", "eval_every", "lpips_resize"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
+        if self.batch_size % self.world_size:
+            raise InputError(f"--batch-size {self.batch_size} is not divisible by the {self.world_size} ranks "
+                             f"({self.nodes} nodes x {self.ranks_per_node}); use a multiple of {self.world_size}")
+        if not self.lr > 0:
+            raise InputError(f"--lr {self.lr}: must be positive")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or positive")
+        choices = {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if not self.out:
+            raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * int(self.ranks_per_node)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (sigmas as a list)."""
+        d = dataclasses.asdict(self)
+        d["sigmas"] = list(self.sigmas)
+        return d
+
+    def run_dict(self) -> dict:
+        """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
+        return {k: v for k, v in self.to_dict().items() if k not in FINETUNE_RESUME_FREE}
