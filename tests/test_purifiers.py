@@ -1,0 +1,291 @@
+"""Purifiers through real adapters: time steps, boundary condition, DDPM timestep rule, PF-ODE integration, labels."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cpcluster.errors import InputError
+from cpcluster.models.consistency import ConsistencyFunction
+from cpcluster.models.ddpm import alphas_cumprod, ddpm_betas, onestep_timestep
+from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
+from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, SmoothedBase, build_purifier
+from cpcluster.models.specs import load_denoiser
+from unet_files import CM_SCHEDULER, DDPM_SCHEDULER, save_unet, unet_module
+
+torch.set_num_threads(1)
+EXPECTED_T = {18: (0.5853, 1.0882, 1.9233), 40: (0.4700, 1.0717, 1.7672)}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unets")
+    return {
+        # N = 40 from the diffusers consistency scheduler config
+        "cm40": save_unet(str(root / "cm40"), scheduler=CM_SCHEDULER),
+        # N = 18 from cpcluster.json (the JAX-converted CIFAR-10 models carry no scheduler config)
+        "cm18": save_unet(str(root / "cm18"), seed=1, cpcluster={"kind": "consistency", "grid_steps": 18}),
+        "cm_cond": save_unet(str(root / "cm_cond"), seed=2, scheduler=CM_SCHEDULER, num_class_embeds=10),
+        "ddpm": save_unet(str(root / "ddpm"), seed=3, scheduler=DDPM_SCHEDULER, out_channels=6),
+    }
+
+
+@pytest.mark.parametrize("name, steps", [("cm18", 18), ("cm40", 40)])
+def test_t_sigma_through_diffusers_folder(folders, name, steps):
+    den = load_denoiser(f"diffusers:{folders[name]}")
+    assert den.kind == "consistency" and den.meta["grid_steps"] == steps and den.meta["c_noise"] == "openai"
+    got = [build_purifier("consistency", den, s).describe()["t_sigma"] for s in (0.25, 0.5, 1.0)]
+    assert got == pytest.approx(EXPECTED_T[steps], abs=5e-5)
+    exact = build_purifier("consistency", den, 0.5, time_rule="exact").describe()
+    assert exact["t_sigma"] == 1.0 and exact["time_rule"] == "exact"
+
+
+def test_consistency_purifier_matches_diffusers_scheduler(folders):
+    """D(x_t, t) = c_skip x_t + c_out F(x_t / sqrt(t^2 + sd^2), sigma_to_t(t)) with diffusers' own scalings."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    den = load_denoiser(f"diffusers:{folders['cm40']}")
+    pur = build_purifier("consistency", den, 0.5)
+    sched = CMStochasticIterativeScheduler(**{k: v for k, v in CM_SCHEDULER.items() if k != "_class_name"})
+    t = pur.describe()["t_sigma"]
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    x_t = 2 * noisy - 1
+    c_skip, c_out = sched.get_scalings_for_boundary_condition(torch.tensor(t, dtype=torch.float64))
+    time_input = torch.tensor(sched.sigma_to_t(np.array([t])), dtype=torch.float32).expand(3)
+    with torch.no_grad():
+        f = unet_module(folders["cm40"])(x_t / math.sqrt(t**2 + 0.25), time_input).sample
+        ref = ((float(c_skip) * x_t + float(c_out) * f + 1) / 2).clamp(0, 1)
+        got = pur(noisy)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=2e-5)
+    assert not torch.allclose(got, noisy.clamp(0, 1), atol=1e-2)  # the network actually acted
+
+
+def test_boundary_condition_exact_through_adapter(folders):
+    den = load_denoiser(f"diffusers:{folders['cm18']}")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(ConsistencyFunction(den.module, den.meta["c_noise"])(x, 0.002), x)
+        pur = build_purifier("consistency", den, 0.001, time_rule="exact")  # t = 2 sigma = eps
+        clean = torch.rand(2, 3, 16, 16)
+        assert torch.allclose(pur(clean), clean, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, diffusers_name", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
+def test_onestep_timestep_matches_independent_rule(schedule, diffusers_name):
+    """First t with sqrt(1 - abar_t)/sqrt(abar_t) >= 2 sigma, against diffusers' schedule and Carlini's loop."""
+    from diffusers import DDPMScheduler
+
+    ref_abar = DDPMScheduler(num_train_timesteps=1000, beta_schedule=diffusers_name).alphas_cumprod.double().numpy()
+    abar = alphas_cumprod(ddpm_betas(schedule, 1000))
+    assert np.allclose(abar, ref_abar, rtol=1e-5, atol=1e-7)
+    for sigma in (0.12, 0.25, 0.5, 1.0):
+        t, real_sigma = 0, 0.0  # the loop of Carlini et al.'s reference code
+        while real_sigma < 2 * sigma:
+            t += 1
+            real_sigma = math.sqrt(1 - ref_abar[t]) / math.sqrt(ref_abar[t])
+        assert onestep_timestep(abar, sigma) == t, (schedule, sigma)
+    # a cosine schedule reaches a given noise level later than the linear one
+    assert onestep_timestep(alphas_cumprod(ddpm_betas("cosine")), 0.5) > onestep_timestep(
+        alphas_cumprod(ddpm_betas("linear")), 0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.005, 20.0), st.sampled_from(["linear", "cosine", "scaled_linear"]))
+def test_onestep_timestep_is_first_reaching(sigma, schedule):
+    abar = alphas_cumprod(ddpm_betas(schedule, 1000, 1e-4, 0.02 if schedule != "scaled_linear" else 0.012))
+    ratio = np.sqrt((1 - abar) / abar)
+    if ratio[-1] < 2 * sigma:
+        with pytest.raises(InputError):
+            onestep_timestep(abar, sigma)
+        return
+    t = onestep_timestep(abar, sigma)
+    assert ratio[t] >= 2 * sigma and (t == 0 or ratio[t - 1] < 2 * sigma)
+
+
+class OracleNet(nn.Module):
+    """A DDPM network that knows the clean image: returns the exact epsilon (or v) of its input."""
+
+    def __init__(self, clean_model, abar, prediction="epsilon"):
+        super().__init__()
+        self.clean, self.abar, self.prediction, self.seen = clean_model, abar, prediction, []
+
+    def forward(self, x_t, steps, labels):
+        self.seen.append(steps.clone())
+        a = float(self.abar[int(steps[0])])
+        eps = (x_t - math.sqrt(a) * self.clean) / math.sqrt(1 - a)
+        return eps if self.prediction == "epsilon" else math.sqrt(a) * eps - math.sqrt(1 - a) * self.clean
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_onestep_ddpm_recovers_clean_image_with_oracle(prediction):
+    betas = ddpm_betas("cosine", 1000)
+    abar = alphas_cumprod(betas)
+    clean = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    noisy = clean + 0.25 * torch.randn(clean.shape, dtype=torch.float64)
+    net = OracleNet(2 * clean - 1, abar, prediction)
+    den = LoadedDenoiser(net, "ddpm", {"betas": betas.tolist(), "prediction": prediction, "num_classes": None})
+    pur = build_purifier("onestep-ddpm", den, 0.25)
+    out = pur(noisy)
+    assert torch.allclose(out, clean, atol=1e-9)
+    assert net.seen[0].tolist() == [onestep_timestep(abar, 0.25)] * 4 and net.seen[0].dtype == torch.int64
+    assert pur.describe()["timestep"] == onestep_timestep(abar, 0.25)
+
+
+def test_pf_ode_one_step_equals_onestep_ddpm(folders):
+    den = load_denoiser(f"diffusers:{folders['ddpm']}")
+    assert den.kind == "ddpm" and len(den.meta["betas"]) == 1000
+    x = torch.rand(3, 3, 16, 16) + 0.25 * torch.randn(3, 3, 16, 16)
+    one, ode = build_purifier("onestep-ddpm", den, 0.25), build_purifier("pf-ode", den, 0.25, steps=1)
+    with torch.no_grad():
+        a, b = one(x), ode(x)
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-5)
+    times = build_purifier("pf-ode", den, 0.25, steps=5).describe()["times"]
+    sig = np.sqrt((1 - alphas_cumprod(den.meta["betas"])) / alphas_cumprod(den.meta["betas"]))
+    assert times[0] == pytest.approx(sig[onestep_timestep(alphas_cumprod(den.meta["betas"]), 0.25)])
+    assert times[-2] == pytest.approx(sig[0]) and times[-1] == 0.0 and times == sorted(times, reverse=True)
+
+
+class GaussianDenoiser(nn.Module):
+    """Exact denoiser of data x0 ~ N(m, s^2 I): D(x, t) = m + s^2/(s^2 + t^2) (x - m).
+
+    ``preconditioned=True``: called as net(x, t, labels) -> D. Otherwise it is the raw EDM network F with
+    D = c_skip x + c_out F(c_in x, ln(t)/4), solved for F.
+    """
+
+    def __init__(self, m, s, preconditioned):
+        super().__init__()
+        self.m, self.s, self.pre = m, s, preconditioned
+
+    def forward(self, x, time_input, labels):
+        if self.pre:
+            t = time_input.view(-1, 1, 1, 1)
+            return self.m + self.s**2 / (self.s**2 + t**2) * (x - self.m)
+        t = torch.exp(4 * time_input.double()).view(-1, 1, 1, 1)
+        c_skip, c_out, c_in = 0.25 / (t**2 + 0.25), t * 0.5 / torch.sqrt(t**2 + 0.25), 1 / torch.sqrt(t**2 + 0.25)
+        xx = x / c_in
+        d = self.m + self.s**2 / (self.s**2 + t**2) * (xx - self.m)
+        return ((d - c_skip * xx) / c_out).to(x.dtype)
+
+
+@pytest.mark.parametrize("preconditioned", [True, False])
+def test_pf_ode_converges_to_exact_flow(preconditioned):
+    """For Gaussian data the PF-ODE has a closed form: x(0) = m + (x(t0) - m) s / sqrt(s^2 + t0^2)."""
+    m, s = 0.1, 0.3
+    den = LoadedDenoiser(GaussianDenoiser(m, s, preconditioned), "edm",
+                         {"c_noise": "edm", "preconditioned": preconditioned, "num_classes": None})
+    x = 0.5 + 0.4 * torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = 1.0  # --time exact at sigma 0.5
+    exact = ((m + (2 * x - 1 - m) * s / math.sqrt(s**2 + t0**2)) + 1) / 2
+    assert 0 < exact.min() and exact.max() < 1
+    errors = {}
+    for solver in ("heun", "euler"):
+        for k in (1, 3, 10, 20, 40, 80):
+            pur = build_purifier("pf-ode", den, 0.5, steps=k, time_rule="exact", solver=solver)
+            errors[solver, k] = float((pur(x) - exact).abs().max())
+    assert errors["heun", 80] < 2e-4 and errors["heun", 10] < errors["euler", 10]
+    for solver, order in (("heun", 2), ("euler", 1)):
+        assert errors[solver, 1] > errors[solver, 3] > errors[solver, 10] > errors[solver, 20] > errors[solver, 40]
+        for k in (20, 40):  # halving the step divides the error by about 2^order
+            assert 2 ** (order - 0.4) < errors[solver, k] / errors[solver, 2 * k] < 2 ** (order + 0.4)
+    # K = 1 is one-shot denoising D(x_t, t0)
+    d = ((m + s**2 / (s**2 + t0**2) * (2 * x - 1 - m)) + 1) / 2
+    one = build_purifier("pf-ode", den, 0.5, steps=1, time_rule="exact")
+    assert torch.allclose(one(x), d.clamp(0, 1), atol=1e-12)
+
+
+def test_pf_ode_refuses_bad_inputs(folders):
+    edm = LoadedDenoiser(GaussianDenoiser(0, 1, True), "edm", {"c_noise": "edm", "num_classes": None}, spec="x")
+    with pytest.raises(InputError, match="--time exact"):
+        build_purifier("pf-ode", edm, 0.5)  # continuous-time network, no grid for "nearest"
+    with pytest.raises(InputError, match="steps"):
+        build_purifier("pf-ode", edm, 0.5, steps=0, time_rule="exact")
+    cm = load_denoiser(f"diffusers:{folders['cm18']}")
+    with pytest.raises(InputError, match="consistency"):
+        build_purifier("pf-ode", cm, 0.5)
+    with pytest.raises(InputError, match="pf-ode"):
+        build_purifier("consistency", edm, 0.5)
+    with pytest.raises(InputError, match="onestep-ddpm"):
+        build_purifier("consistency", load_denoiser(f"diffusers:{folders['ddpm']}"), 0.5)
+    with pytest.raises(InputError, match="DDPM"):
+        build_purifier("onestep-ddpm", cm, 0.5)
+    assert set(PURIFIERS) == {"none", "consistency", "onestep-ddpm", "pf-ode"}
+
+
+class LabelRecorder(nn.Module):
+    """Class-conditional test network: records every label it is given; output depends on the label."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels = []
+
+    def forward(self, x, time_input, labels):
+        self.labels.append(labels.clone())
+        return x * 0.5 + labels.view(-1, 1, 1, 1).to(x.dtype) * 0.01
+
+
+@pytest.mark.parametrize("kind, purifier, meta", [
+    ("consistency", "consistency", {"c_noise": "openai", "grid_steps": 18}),
+    ("ddpm", "onestep-ddpm", {"betas": ddpm_betas("linear").tolist()}),
+    ("ddpm", "pf-ode", {"betas": ddpm_betas("linear").tolist()}),
+    ("edm", "pf-ode", {"c_noise": "edm", "grid_steps": 18})])
+def test_conditional_network_never_sees_true_label(kind, purifier, meta):
+    net = LabelRecorder()
+    den = LoadedDenoiser(net, kind, {**meta, "num_classes": 10})
+    clf = LoadedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)), 10)
+    true_a, true_b = torch.arange(8) % 10, (torch.arange(8) * 3 + 7) % 10
+    x = torch.rand(8, 3, 8, 8)
+    for text in ("fixed:3", "random"):
+        seen = []
+        for true in (true_a, true_b):  # the true labels exist only here: the API has no way to pass them
+            base = SmoothedBase(build_purifier(purifier, den, 0.25, label_policy=LabelPolicy(text), steps=3), clf)
+            net.labels.clear()
+            logits = base(x, torch.Generator().manual_seed(5))
+            assert logits.shape == (8, 10) and logits.dtype == torch.float32
+            seen.append(torch.stack(net.labels))
+        assert torch.equal(seen[0], seen[1])  # same draws whatever the true labels were
+        if text == "fixed:3":
+            assert (seen[0] == 3).all()
+        else:
+            assert not torch.equal(seen[0][0], true_a) and not torch.equal(seen[0][0], true_b)
+            assert (seen[0] == seen[0][0]).all()  # one label draw per call, reused on every ODE step
+        assert base.purifier.describe()["label_policy"] == text
+
+
+def test_conditional_diffusers_unet_receives_policy_labels(folders):
+    den = load_denoiser(f"diffusers:{folders['cm_cond']}")
+    assert den.meta["num_classes"] == 10
+    got = []
+    hook = den.module.unet.register_forward_pre_hook(lambda m, a, kw: got.append(kw["class_labels"].clone()),
+                                                     with_kwargs=True)
+    try:
+        pur = build_purifier("consistency", den, 0.5, label_policy=LabelPolicy("random"))
+        with torch.no_grad():
+            pur(torch.rand(6, 3, 16, 16), torch.Generator().manual_seed(9))
+            pur(torch.rand(6, 3, 16, 16), torch.Generator().manual_seed(9))
+    finally:
+        hook.remove()
+    assert torch.equal(got[0], got[1]) and got[0].dtype == torch.int64
+    assert torch.equal(got[0], torch.randint(10, (6,), generator=torch.Generator().manual_seed(9)))
+    with pytest.raises(InputError, match="fixed:K"):
+        build_purifier("consistency", den, 0.5, label_policy=LabelPolicy("fixed:12"))(torch.rand(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["none", "consistency", "pf-ode"])
+def test_shapes_dtypes_and_range(name):
+    den = load_denoiser("demo-random")
+    den_edm = LoadedDenoiser(den.module, "edm", {"c_noise": "openai", "grid_steps": 18, "num_classes": None})
+    pur = build_purifier(name, den_edm if name == "pf-ode" else den, 0.5, steps=2)
+    x = torch.rand(5, 1, 16, 16) + 0.5 * torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        out = pur(x)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    if name == "none":
+        assert torch.equal(out, x)
+    else:
+        assert out.min() >= 0 and out.max() <= 1
