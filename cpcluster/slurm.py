@@ -27,7 +27,6 @@ import io
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import time
@@ -35,8 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from cpcluster.errors import InputError
-
-DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
+from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array  # the one chunking rule (re-exported)
 JOBS_FILE = "jobs.jsonl"
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -256,18 +254,6 @@ def cluster_max_array_size(timeout_s: float = 20.0) -> int:
         return DEFAULT_MAX_ARRAY_SIZE
     value = parse_max_array_size(out.stdout) if out.returncode == 0 else None
     return value if value and value > 0 else DEFAULT_MAX_ARRAY_SIZE
-
-
-def split_array(n: int, max_size: int) -> list[range]:
-    """Cut ``n`` array tasks into consecutive ranges of at most ``max_size`` (all full but possibly the last).
-
-    ``split_array(12, 5) == [range(0, 5), range(5, 10), range(10, 12)]``; ``split_array(0, k) == []``.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise InputError(f"number of array tasks must be an integer >= 0, got {n!r}")
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-        raise InputError(f"maximum array size must be a positive integer, got {max_size!r}")
-    return [range(start, min(start + max_size, n)) for start in range(0, n, max_size)]
 
 
 # ------------------------------------------------------------------------------------------------ submission
@@ -509,13 +495,8 @@ def slurm_reachable(timeout_s: float = 10.0) -> bool:
         return False
 
 
-def quote_setup(env: dict) -> tuple:
-    """``{"A": "1 2"}`` -> ``("export A='1 2'",)``: setup lines that export environment variables safely."""
-    return tuple(f"export {k}={shlex.quote(str(v))}" for k, v in env.items())
-
-
 __all__ = [
-    "DEFAULT_MAX_ARRAY_SIZE", "JOBS_FILE", "FORWARD_USR2_SETUP", "SlurmOptions", "parse_sbatch_options", "executor_parameters",
-    "make_executor", "parse_max_array_size", "cluster_max_array_size", "split_array", "submit_array",
-    "render_sbatch", "record_jobs", "read_jobs", "slurm_reachable", "quote_setup",
+    "DEFAULT_MAX_ARRAY_SIZE", "FORWARD_USR2_SETUP", "JOBS_FILE", "SlurmOptions", "cluster_max_array_size",
+    "executor_parameters", "make_executor", "parse_max_array_size", "parse_sbatch_options", "read_jobs",
+    "record_jobs", "render_sbatch", "slurm_reachable", "split_array", "submit_array",
 ]

@@ -163,7 +163,8 @@ def test_rendered_script_is_what_submitit_submits(tmp_path, monkeypatch):
     bin_dir, seen = tmp_path / "bin", tmp_path / "seen"
     bin_dir.mkdir(), seen.mkdir()
     _fake_bin(bin_dir, "srun", "exit 0")
-    _fake_bin(bin_dir, "sbatch", f'n=$(ls {seen} | wc -l); cp "$1" {seen}/$n.sh; echo "Submitted batch job $((100 + n))"')
+    _fake_bin(bin_dir, "sbatch",
+              f'n=$(ls {seen} | wc -l); cp "$1" {seen}/$n.sh; echo "Submitted batch job $((100 + n))"')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     opts = SlurmOptions(array_parallelism=4, setup=("export A=1",), python="python3")
     ex = make_executor(tmp_path / "logs" / "%j", opts)
