@@ -44,14 +44,17 @@ CLASSIFIER_KEYS = ("num_classes",) + TRANSFORM_KEYS
 
 
 class CropChannels(nn.Module):
-    """``module(x, time_input, class_labels)``, keeping the first C output channels when it returns 2C."""
+    """``module(x, time_input, class_labels)``, keeping the first C output channels when it returns 2C.
+
+    Unconditional calls (``class_labels is None``) pass two arguments, so a module traced as ``net(x, t)`` works.
+    """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor, time_input: torch.Tensor, class_labels: torch.Tensor | None = None):
-        out = self.net(x, time_input, class_labels)
+        out = self.net(x, time_input) if class_labels is None else self.net(x, time_input, class_labels)
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
