@@ -3,10 +3,10 @@
 A pickle is a program: ``pickle.load`` imports and calls whatever globals it names, so a doctored dataset file can
 run code. :class:`InertUnpickler` resolves **no** global: ``find_class`` refuses every name except the handful that
 a pickled numpy array is made of (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``,
-``numpy.core.numeric._frombuffer``, and ``_codecs.encode`` for bytes pickled by Python 3 at protocol 2), and for
-those it returns local, inert stand-ins that only record their arguments. :func:`safe_load` then rebuilds plain
-numeric arrays from the recorded (shape, dtype, raw bytes) with ``np.frombuffer`` after checking that the sizes
-agree. Object arrays, structured dtypes and any other global raise :class:`pickle.UnpicklingError`.
+``numpy.core.numeric._frombuffer``, and ``_codecs.encode`` / ``bytes()`` for bytes pickled by Python 3 at
+protocol 2), and for those it returns local, inert stand-ins that only record their arguments. :func:`safe_load`
+then rebuilds plain numeric arrays from the recorded (shape, dtype, raw bytes) with ``np.frombuffer`` after checking
+that the sizes agree. Object arrays, structured dtypes and any other global raise :class:`pickle.UnpicklingError`.
 """
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def _codecs_encode(text, encoding="utf-8"):
     return text.encode("latin1")
 
 
+def _empty_bytes(*args):
+    if args:
+        raise pickle.UnpicklingError("refused bytes(...) with arguments")
+    return b""
+
+
 _STANDINS = {
     ("numpy.core.multiarray", "_reconstruct"): _ArrayRecord,
     ("numpy._core.multiarray", "_reconstruct"): _ArrayRecord,
@@ -90,6 +96,8 @@ _STANDINS = {
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): _codecs_encode,
+    ("__builtin__", "bytes"): _empty_bytes,  # Python 3 writes b"" as bytes() at protocol 2
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
