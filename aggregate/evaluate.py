@@ -46,10 +46,11 @@ def evaluate_group(group: GroupCounts, alpha: float, radii: Sequence[float], all
     """CERTIFY (or PREDICT, by the run's mode) every evaluated image of ``group`` at level ``alpha``."""
     plan = group.plan
     use = np.ones(len(group.image_index), dtype=bool) if allow_partial else group.complete
-    counts0, counts = group.counts0[use], group.counts[use]
+    pick = (lambda a: a) if use.all() else (lambda a: a[use])  # no copy of the (M, C) counts when all are used
+    counts0, counts, n = pick(group.counts0), pick(group.counts), pick(group.n_present)
     radii = np.asarray(radii, dtype=np.float64)
     if plan.mode == "certify":
-        predict, radius, _ = stats.certify_decision(counts0, counts, alpha, plan.sigma)
+        predict, radius, _ = stats.certify_decision(counts0, counts, alpha, plan.sigma, n=n)
         cert = stats.certified_accuracy(predict, group.labels[use], radius, radii)
         acr = stats.average_certified_radius(predict, group.labels[use], radius)
     else:
@@ -59,7 +60,7 @@ def evaluate_group(group: GroupCounts, alpha: float, radii: Sequence[float], all
         cert = np.where(radii > 0, np.nan, cert)
         acr = float("nan")
     return GroupResult(group=group, idx=group.image_index[use], label=group.labels[use], predict=predict,
-                       radius=radius, n0=counts0.sum(axis=1), n=counts.sum(axis=1),
+                       radius=radius, n0=pick(group.n0_present), n=n,
                        missing=group.image_index[~use], partial=group.image_index[use & ~group.complete],
                        certified_accuracy=cert, acr=acr)
 

@@ -116,6 +116,8 @@ class GroupCounts:
     labels: np.ndarray  # (M,) int64
     counts0: np.ndarray  # (M, C) int64 selection counts (zeros in predict mode)
     counts: np.ndarray  # (M, C) int64 estimation counts
+    n0_present: np.ndarray  # (M,) int64 selection draws present (row sums of counts0)
+    n_present: np.ndarray  # (M,) int64 estimation draws present (row sums of counts)
     complete: np.ndarray  # (M,) bool, every planned unit present
     missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
     warnings: tuple
@@ -160,6 +162,31 @@ def _missing_shards(shards: Sequence[ShardData]) -> tuple:
     if len(totals) != 1:
         return ()
     return tuple(sorted(set(range(totals.pop())) - {d["index"] for d in info}))
+
+
+def _as_slice(idx: np.ndarray):
+    """``idx`` as a slice when it is an increasing arithmetic progression (views, no copies), else unchanged."""
+    if len(idx) == 1:
+        return slice(int(idx[0]), int(idx[0]) + 1)
+    step = int(idx[1] - idx[0])
+    if step > 0 and (np.diff(idx) == step).all():
+        return slice(int(idx[0]), int(idx[-1]) + 1, step)
+    return idx
+
+
+def _add_rows(acc: np.ndarray, pos: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> None:
+    """``acc[pos[j]] += counts[rows[j]]`` for all j, exactly, also when ``pos`` repeats."""
+    if len(np.unique(pos)) == len(pos):  # the usual case (one unit per image and stream in this file): one pass
+        p, r = _as_slice(pos), _as_slice(rows)
+        if isinstance(p, slice):  # images in order: add in place into a view (no gather/scatter copies)
+            acc[p] += counts[r]
+        else:
+            acc[pos] += counts[r]
+        return
+    order = np.argsort(pos, kind="stable")
+    pos, rows = pos[order], rows[order]
+    start = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    acc[pos[start]] += np.add.reduceat(counts[rows], start, axis=0)
 
 
 def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
@@ -217,26 +244,27 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
         warnings += [f"{shards[i].path} and {shards[j].path}: {k} identical duplicate unit(s) dropped"
                      for (i, j), k in sorted(pairs.items())]
 
-    # Sum counts per (image, stream), one file at a time (sorted rows, reduceat) to keep memory near one file.
-    acc = np.zeros((2 * m, c), dtype=np.int64)
+    # Sum counts per (image, stream), one file at a time, so memory stays near the inputs plus the result.
+    acc = (np.zeros((m, c), dtype=np.int64), np.zeros((m, c), dtype=np.int64))  # selection, estimation
+    draws = np.zeros((2, m), dtype=np.int64)
     per_image_units = np.zeros(m, dtype=np.int64)
     for i, s in enumerate(shards):
-        rows = np.flatnonzero(keep[owner == i])
-        if not len(rows):
-            continue
-        slot = 2 * np.searchsorted(image_index, s.units[rows, 0]) + s.units[rows, 1]
-        srt = np.argsort(slot, kind="stable")
-        slot, rows = slot[srt], rows[srt]
-        start = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1]])
-        acc[slot[start]] += np.add.reduceat(s.counts[rows], start, axis=0)
-        per_image_units += np.bincount(slot // 2, minlength=m)
+        kept = keep[owner == i]
+        for stream in (0, 1):
+            rows = np.flatnonzero(kept & (s.units[:, 1] == stream))
+            if len(rows):
+                pos = np.searchsorted(image_index, s.units[rows, 0])
+                _add_rows(acc[stream], pos, s.counts, rows)
+                np.add.at(draws[stream], pos, s.units[rows, 3])
+        per_image_units += np.bincount(np.searchsorted(image_index, s.units[kept, 0]), minlength=m)
     missing_shards = _missing_shards(shards)
     if missing_shards:
         warnings.append(f"{plan.method} sigma {plan.sigma:g}: {len(missing_shards)} shard file(s) absent "
                         f"(index {', '.join(map(str, missing_shards[:10]))}{' ...' if len(missing_shards) > 10 else ''})")
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
-                       counts0=acc[0::2], counts=acc[1::2], complete=per_image_units == plan.units_per_image,
+                       counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
+                       complete=per_image_units == plan.units_per_image,
                        missing_shards=missing_shards, warnings=tuple(warnings))
 
 

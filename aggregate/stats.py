@@ -78,7 +78,7 @@ def certified_radius(p_lower, sigma: float) -> np.ndarray:
     return out
 
 
-def certify_decision(counts0, counts, alpha: float, sigma: float):
+def certify_decision(counts0, counts, alpha: float, sigma: float, n=None):
     """Cohen's CERTIFY from selection and estimation counts, for N images at once.
 
     Parameters
@@ -86,6 +86,7 @@ def certify_decision(counts0, counts, alpha: float, sigma: float):
     counts0 : (N, C) int, selection counts (``n0`` draws each); ``c_A = argmax`` (lowest index on ties).
     counts : (N, C) int, estimation counts from *fresh, independent* draws; ``k = counts[c_A]``, ``n = row sum``.
     alpha : float in (0, 1); sigma : float > 0 (pixel space).
+    n : optional (N,) int, the row sums of ``counts`` when the caller already has them.
 
     Returns
     -------
@@ -105,8 +106,8 @@ def certify_decision(counts0, counts, alpha: float, sigma: float):
     rows = np.arange(counts.shape[0])
     c_a = counts0.argmax(axis=1)
     k = counts[rows, c_a]
-    p_lower = clopper_pearson_lower(k, counts.sum(axis=1), alpha)
-    p_lower[counts0.sum(axis=1) == 0] = 0.0  # nothing selected: no candidate class to certify
+    p_lower = clopper_pearson_lower(k, counts.sum(axis=1) if n is None else n, alpha)
+    p_lower[counts0[rows, c_a] == 0] = 0.0  # no selection draws (counts >= 0): no candidate class to certify
     radius = certified_radius(p_lower, sigma)
     predict = np.where(p_lower > 0.5, c_a, ABSTAIN).astype(np.int64)
     return predict, radius, p_lower

@@ -373,8 +373,8 @@ def _check(url: str, a: dict, attrs: dict) -> ShardData:
     if len(units) and not np.isin(units[:, 0], image_index).all():
         bad("units name images that 'image_index' does not list")
     return ShardData(path=url, config=config, config_hash=_text(attrs["config_hash"]), shard=shard,
-                     complete=bool(attrs["complete"]), units=units.astype(np.int64),
-                     counts=counts.astype(np.int64), image_index=image_index, labels=labels)
+                     complete=bool(attrs["complete"]), units=units.astype(np.int64, copy=False),
+                     counts=counts.astype(np.int64, copy=False), image_index=image_index, labels=labels)
 
 
 def expand_paths(patterns: Iterable[str]) -> list[str]:
