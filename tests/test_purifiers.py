@@ -225,6 +225,8 @@ class LabelRecorder(nn.Module):
         self.labels = []
 
     def forward(self, x, time_input, labels):
+        if labels is None:
+            return x * 0.5
         self.labels.append(labels.clone())
         return x * 0.5 + labels.view(-1, 1, 1, 1).to(x.dtype) * 0.01
 
@@ -289,3 +291,21 @@ def test_shapes_dtypes_and_range(name):
         assert torch.equal(out, x)
     else:
         assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("purifier, kind, meta", [
+    ("consistency", "consistency", {"c_noise": "openai", "grid_steps": 18}),
+    ("onestep-ddpm", "ddpm", {"betas": ddpm_betas("linear").tolist()}),
+    ("pf-ode", "edm", {"c_noise": "edm", "grid_steps": 18})])
+def test_uses_generator_tells_the_truth(purifier, kind, meta):
+    """The engine skips its probe forward when a purifier declares uses_generator; the flag must be right."""
+    for classes in (None, 10):
+        for text in ("fixed:1", "random"):
+            den = LoadedDenoiser(LabelRecorder(), kind, {**meta, "num_classes": classes})
+            pur = build_purifier(purifier, den, 0.5, label_policy=LabelPolicy(text), steps=2)
+            gen = torch.Generator().manual_seed(0)
+            before = gen.get_state()
+            pur(torch.rand(2, 3, 8, 8), gen)
+            assert pur.uses_generator == (not torch.equal(before, gen.get_state()))
+            assert pur.uses_generator == (text == "random" and classes == 10)
+    assert build_purifier("none", None, 0.5).uses_generator is False

@@ -110,6 +110,11 @@ class OneStepDDPMPurifier(Purifier):
                              f"use one of {', '.join(PREDICTIONS)}")
         self.label_policy = label_policy
 
+    @property
+    def uses_generator(self) -> bool:
+        """Whether forward draws from the generator (random labels for a class-conditional network)."""
+        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
+
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
                                           x_noisy.device, generator)

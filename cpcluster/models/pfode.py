@@ -145,6 +145,11 @@ class PFODEPurifier(Purifier):
                              "probability-flow ODE; use --purifier consistency")
         self.times = [float(t) for t in times]
 
+    @property
+    def uses_generator(self) -> bool:
+        """Whether forward draws from the generator (random labels for a class-conditional network)."""
+        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
+
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
                                           x_noisy.device, generator)

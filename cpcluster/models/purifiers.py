@@ -51,6 +51,7 @@ class IdentityPurifier(Purifier):
     """``none``: plain randomized smoothing; the classifier sees ``x + delta`` unchanged."""
 
     kind = "none"
+    uses_generator = False
 
     def __init__(self, sigma: float = 0.0, **_):
         super().__init__()
@@ -85,6 +86,11 @@ class ConsistencyPurifier(Purifier):
         except ValueError as e:
             raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time exact") from None
         self.label_policy = label_policy
+
+    @property
+    def uses_generator(self) -> bool:
+        """Whether forward draws from the generator (random labels for a class-conditional network)."""
+        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
 
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
