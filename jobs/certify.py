@@ -1,0 +1,240 @@
+"""The certify shard job: one shard of a run, resumable, as a small picklable callable for submitit.
+
+``CertifyShardJob(config, shard_index)()`` loads the dataset slice and the models on its device (CUDA when
+available), recomputes the run's plan, and counts every unit of its shard that the shard's journal does not hold
+yet, appending each unit's counts durably as soon as it is complete (:class:`cpcluster.shards.ShardWriter`). At the
+end it writes the HDF5 shard atomically. Killed at any moment and rerun (or requeued by submitit through
+:meth:`CertifyShardJob.checkpoint`), it continues after the last recorded unit; a finished shard is a no-op.
+
+By hand: ``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX`` runs one shard of a prepared run directory.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from contextlib import contextmanager
+
+from cpcluster.config import CertifyConfig
+from cpcluster.errors import InputError
+
+log = logging.getLogger("cpcluster.certify")
+LOG_EVERY_S = 30.0
+
+# glibc mallopt parameters (malloc.h): keep freed memory instead of handing it back to the OS on every call
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from unmapping large tensor buffers after every forward (DESIGN.md section 6); True if applied.
+
+    Same effect as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` in the environment, but set from inside
+    the process, for allocations made from now on. A no-op where glibc is not the C library.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class CertifyShardJob:
+    """One shard of a certification run. Picklable; the work is in ``__call__``, which returns the shard URL."""
+
+    def __init__(self, config: CertifyConfig, shard_index: int):
+        self.config = config
+        self.shard_index = int(shard_index)
+
+    def __call__(self) -> str:
+        import torch
+
+        from cpcluster import runs
+
+        _ensure_log_handler()
+        config = self.config
+        device = resolve_device(config.device)
+        if device.type == "cpu" and config.tune_malloc:
+            tune_allocator()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        models = runs.load_models(config)
+        purifier = runs.build_purifier(config, models)
+        run = runs.resolve(config, models, purifier)
+        _check_run_record(run)
+        return run_shard(run, models, purifier, self.shard_index, device)
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's preemption / timeout hook: resubmit the same shard; progress is in its journal on disk."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(type(self)(self.config, self.shard_index))
+
+    def __repr__(self) -> str:
+        return f"CertifyShardJob(sigma={self.config.sigma}, shard={self.shard_index}, run_dir={self.config.run_dir!r})"
+
+
+def resolve_device(name: str):
+    """``"auto"``: CUDA when available, else CPU. ``"cuda"`` without a GPU is an :class:`InputError`."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible to this process")
+    return torch.device(name)
+
+
+def _check_run_record(run) -> None:
+    """Refuse to add shards to a run directory whose ``run.json`` names another configuration."""
+    from cpcluster.runs import read_run
+
+    record = read_run(run.config.run_dir)
+    if record is not None and (record.get("config_hash") != run.config_hash
+                               or record.get("num_shards") != run.plan.num_shards):
+        raise InputError(f"{run.config.run_dir}: run.json describes another run (config hash or shard count "
+                         "differs; models or code changed since submission?); resubmit with --overwrite")
+
+
+def run_shard(run, models, purifier, index: int, device) -> str:
+    """Count the missing units of shard ``index`` of ``run`` on ``device``; finish the file; return its URL."""
+    import numpy as np
+    import torch
+
+    from cpcluster.shards import ShardWriter, _journal_path
+
+    url = run.shard_url(index)
+    total = run.plan.num_shards
+    if _finished(run, url, index):
+        return url
+    units = run.plan.shard_units(index)
+    images = run.plan.shard_images(index)
+    label_of = dict(zip(run.image_ids.tolist(), run.labels.tolist()))
+    labels = [label_of[int(i)] for i in images]
+    start = time.time()
+    info = {"index": index, "total": total, "unit_range": list(run.plan.ranges[index]), "host": socket.gethostname(),
+            "device": str(device), "rng_device": device.type, "batch": run.config.batch,
+            "torch": torch.__version__, "start_time": start}
+    with _shard_lock(_journal_path(url, None)):
+        if _finished(run, url, index):  # another process finished it while we waited to start
+            return url
+        writer = ShardWriter(url, config=run.shard_config, shard_info=info, image_index=images, labels=labels,
+                             num_classes=run.shard_config["num_classes"])
+        try:
+            done = writer.done
+            planned = {tuple(int(v) for v in u[:3]): int(u[3]) for u in units}
+            if any(planned.get(k) != v for k, v in done.items()):
+                raise InputError(f"{writer.journal_path}: holds units outside this shard's plan; delete it")
+            todo = np.asarray([u for u in units if tuple(int(v) for v in u[:3]) not in done],
+                              dtype=np.int64).reshape(-1, 4)
+            log.info("shard %d/%d on %s: %d units (%d draws) to do, %d already recorded", index, total, device,
+                     len(todo), int(todo[:, 3].sum()), len(done))
+            if len(todo):
+                stats = _count(run, models, purifier, images, todo, device, writer, index)
+                info_end = {"draws_per_s": round(stats.draws_per_s, 3), "seconds": round(stats.seconds, 3)}
+            else:
+                info_end = {}
+            result = writer.finish({"end_time": time.time(), "resumed_units": len(done), **info_end})
+        finally:
+            writer.close()
+    log.info("shard %d/%d complete: %s", index, total, result)
+    return result
+
+
+def _finished(run, url: str, index: int) -> bool:
+    """True when the shard file exists and is a complete shard of this run; InputError when it is another run's."""
+    from cpcluster.shards import exists, read_shard
+
+    if not exists(url):
+        return False
+    done = read_shard(url)
+    if done.complete and done.config_hash == run.config_hash:
+        log.info("shard %d/%d: already complete at %s", index, run.plan.num_shards, url)
+        return True
+    raise InputError(f"{url}: exists but belongs to another run configuration; use --overwrite")
+
+
+def _count(run, models, purifier, images, todo, device, writer, index):
+    import torch
+
+    from cpcluster.engine import CountingEngine
+    from cpcluster.models.purifiers import SmoothedBase
+
+    x, _ = models.dataset.get(images)
+    model = SmoothedBase(purifier, models.classifier).to(device).eval()
+    cfg = run.config
+    engine = CountingEngine(model, torch.from_numpy(x).to(device), images, sigma=cfg.sigma, seed=cfg.seed,
+                            block_size=cfg.block_size, draw_batch=cfg.draw_batch, batch=cfg.batch,
+                            num_classes=run.shard_config["num_classes"], dtype=cfg.dtype)
+    planned = int(todo[:, 3].sum())
+    last = [time.perf_counter()]
+
+    def progress(stats):
+        if time.perf_counter() - last[0] >= LOG_EVERY_S:
+            last[0] = time.perf_counter()
+            eta = (planned - stats.draws) / stats.draws_per_s if stats.draws_per_s else float("nan")
+            log.info("shard %d: %d/%d draws, %.0f draws/s, ETA %.0f s", index, stats.draws, planned,
+                     stats.draws_per_s, eta)
+
+    stats = engine.run(todo, on_unit=writer.append, on_progress=progress)
+    log.info("shard %d: %d draws in %.1f s, %.0f draws/s", index, stats.draws, stats.seconds, stats.draws_per_s)
+    return stats
+
+
+@contextmanager
+def _shard_lock(journal_path: str):
+    """Hold an exclusive lock on ``<journal>.lock`` so two processes never append to one shard at once."""
+    import fcntl
+    import os
+
+    fh = open(journal_path + ".lock", "a")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"{journal_path}: another process is running this shard right now") from None
+        yield
+    finally:
+        fh.close()
+    try:
+        os.remove(journal_path + ".lock")
+    except OSError:
+        pass
+
+
+def _ensure_log_handler() -> None:
+    """Send cpcluster's INFO lines to stdout (submitit's log file) unless logging is configured already."""
+    logger = logging.getLogger("cpcluster")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def main(argv=None) -> int:
+    """``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX``: run one shard of a prepared run by hand."""
+    from cpcluster.runs import read_run
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX", file=sys.stderr)
+        return 2
+    try:
+        record = read_run(args[0])
+        if record is None:
+            raise InputError(f"{args[0]}: no run.json; prepare the run with `cpcluster certify` first")
+        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
+        print(CertifyShardJob(config, int(args[1]))())
+    except InputError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

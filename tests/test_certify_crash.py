@@ -1,0 +1,80 @@
+"""A shard killed with SIGKILL at random moments, then rerun, ends with exactly the counts of an uninterrupted run."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from cpcluster import runs
+from cpcluster.config import CertifyConfig
+from cpcluster.jobs.certify import CertifyShardJob
+from cpcluster.shards import read_journal, read_shard
+
+KILLS = 6
+
+
+def _config(run_dir):
+    # one shard of 40 units (4 images x (selection + 9 blocks)), a few seconds of work on one CPU thread
+    return CertifyConfig(sigma=0.5, run_dir=str(run_dir), num_shards=1, n0=20, n=450, block_size=50, draw_batch=10,
+                         batch=50, max_images=4, denoiser="demo-random", classifier="demo-random", threads=1)
+
+
+def _start(run_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cpcluster.jobs.certify", str(run_dir), "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _journal_units(journal):
+    state = read_journal(journal)
+    return [] if state is None else [tuple(int(v) for v in u) for u in state.units]
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_counts(tmp_path):
+    cfg = _config(tmp_path / "killed")
+    run = runs.resolve(cfg, runs.load_models(cfg))
+    runs.prepare_run_dir(run)
+    url = run.shard_url(0)
+    journal = url + ".journal"
+    planned = [tuple(int(v) for v in u) for u in run.plan.shard_units(0)]
+    rng = random.Random(1234)
+    kills, seen = 0, 0
+    for round_ in range(KILLS):
+        proc = _start(cfg.run_dir)
+        # wait until this process has recorded a few more units (or, in round 0, only until it started counting)
+        target = seen + (0 if round_ == 0 else rng.randint(1, 4))
+        deadline = time.time() + 60
+        while len(_journal_units(journal)) < target or not os.path.exists(journal):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the shard made no progress"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))  # a random moment: inside a forward, a journal append, or in between
+        if proc.poll() is not None:
+            break  # finished before the kill: nothing more to interrupt
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        kills += 1
+        units = _journal_units(journal)
+        assert units == planned[:len(units)], "recorded units are a prefix of the plan: none twice, none skipped"
+        assert len(units) >= seen
+        seen = len(units)
+        assert not os.path.exists(url), "the shard is not complete while units are missing"
+    assert kills >= 5 and 0 < seen < len(planned)
+    proc = _start(cfg.run_dir)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    proc.stderr.close()
+    killed = read_shard(url)
+    assert killed.complete and not os.path.exists(journal)
+
+    clean_cfg = _config(tmp_path / "clean")
+    runs.prepare_run_dir(runs.resolve(clean_cfg, runs.load_models(clean_cfg)))
+    clean = read_shard(CertifyShardJob(clean_cfg, 0)())
+    assert killed.config_hash == clean.config_hash
+    assert [tuple(u) for u in killed.units.tolist()] == planned
+    np.testing.assert_array_equal(killed.units, clean.units)
+    np.testing.assert_array_equal(killed.counts, clean.counts)
+    assert killed.shard["resumed_units"] == seen
