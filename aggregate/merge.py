@@ -1,6 +1,6 @@
 """Validate shard files against each other and merge their unit counts into per-image counts (DESIGN.md §5).
 
-Files are grouped by ``(method, sigma)``; :func:`method_name` derives the method from the config's purifier and
+Files are grouped by ``(method, sigma, mode)``; :func:`method_name` derives the method from the config's purifier and
 denoiser. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
 ``(image, stream, block)`` may appear twice with different counts (an identical duplicate row is dropped with a
 warning). Every unit must be one the config plans: the selection unit ``(i, 0, 0)`` with ``n0`` draws (certify
@@ -195,7 +195,8 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
     ref = shards[0]
     for s in shards[1:]:
         if s.config_hash != ref.config_hash:
-            raise InputError(f"{ref.path} and {s.path}: same method {plan.method} and sigma {plan.sigma:g} but "
+            raise InputError(f"{ref.path} and {s.path}: same method {plan.method}, sigma {plan.sigma:g} and "
+                             f"mode {plan.mode} but "
                              f"different run configurations, first difference in key "
                              f"{_first_difference(ref.config, s.config)}; aggregate them separately")
     warnings = [f"{s.path}: marked incomplete; its unfinished units count as missing"
@@ -259,8 +260,9 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
         per_image_units += np.bincount(np.searchsorted(image_index, s.units[kept, 0]), minlength=m)
     missing_shards = _missing_shards(shards)
     if missing_shards:
+        head = ", ".join(map(str, missing_shards[:10])) + (" ..." if len(missing_shards) > 10 else "")
         warnings.append(f"{plan.method} sigma {plan.sigma:g}: {len(missing_shards)} shard file(s) absent "
-                        f"(index {', '.join(map(str, missing_shards[:10]))}{' ...' if len(missing_shards) > 10 else ''})")
+                        f"(index {head})")
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
                        counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
@@ -269,11 +271,13 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
 
 
 def merge_shards(shards: Sequence[ShardData]) -> list:
-    """Group shards by ``(method, sigma)`` and merge each group; returns groups sorted by (method, sigma)."""
+    """Group shards by ``(method, sigma, mode)`` and merge each group; returns them sorted by that key.
+
+    ``mode`` is part of the key so a CERTIFY and a PREDICT run at the same sigma are two rows, not a conflict."""
     if not shards:
         raise InputError("no shard files given")
     groups: dict = {}
     for s in shards:
         plan = run_plan(s)
-        groups.setdefault((plan.method, plan.sigma), (plan, []))[1].append(s)
+        groups.setdefault((plan.method, plan.sigma, plan.mode), (plan, []))[1].append(s)
     return [merge_group(files, plan) for _, (plan, files) in sorted(groups.items(), key=lambda kv: kv[0])]

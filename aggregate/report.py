@@ -11,7 +11,6 @@ import math
 import re
 from typing import Sequence
 
-import numpy as np
 
 from cpcluster.aggregate.evaluate import Envelope, GroupResult
 
@@ -21,11 +20,11 @@ TABLE_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv"}
 
 
 def tsv_names(results: Sequence[GroupResult]) -> list:
-    """File name of each group's TSV: ``<method slug>-sigma<sigma>.tsv``, made unique in result order."""
+    """File name of each group's TSV: ``<method slug>-sigma<sigma>[-predict].tsv``, made unique in result order."""
     names, seen = [], set()
     for r in results:
         slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", r.group.plan.method).strip("-") or "method"
-        base = f"{slug}-sigma{r.group.plan.sigma:g}"
+        base = f"{slug}-sigma{r.group.plan.sigma:g}" + ("-predict" if r.group.plan.mode == "predict" else "")
         name, k = base + ".tsv", 2
         while name in seen:
             name, k = f"{base}-{k}.tsv", k + 1

@@ -103,8 +103,8 @@ def time_case(paths: list, out: str, repeat: int, loop_images: int) -> dict:
         p = proportion_confint(k, n, alpha=2 * opts.alpha, method="beta")[0]
         _ = -1 if p < 0.5 else (c_a, group.plan.sigma * norm.ppf(p))
     loop = (time.perf_counter() - t) / loop_images * len(group.image_index)
-    return {"fresh": fresh, "wall": min(walls), "read": t1 - t0, "merge": t2 - t1, "evaluate": t3 - t2, "bound": min(vec),
-            "loop": loop}
+    return {"fresh": fresh, "wall": min(walls), "read": t1 - t0, "merge": t2 - t1, "evaluate": t3 - t2,
+            "bound": min(vec), "loop": loop}
 
 
 def main():
@@ -128,8 +128,8 @@ def main():
             paths = make_case(folder, images, classes)
         mb = sum(os.path.getsize(p) for p in paths) / 2**20
         r = time_case(paths, os.path.join(work, f"{case}-out"), args.repeat, args.loop_images)
-        print(f"| {images:,} x {classes:,} | 64 | {mb:.0f} | {r['fresh']:.2f} | {r['wall']:.2f} | {r['read']:.2f} | {r['merge']:.2f} | "
-              f"{r['evaluate']:.3f} | {r['bound']:.4f} | {r['loop']:.1f} | {r['loop'] / r['bound']:.0f}x | "
+        print(f"| {images:,} x {classes:,} | 64 | {mb:.0f} | {r['fresh']:.2f} | {r['wall']:.2f} | {r['read']:.2f} | "
+              f"{r['merge']:.2f} | {r['evaluate']:.3f} | {r['bound']:.4f} | {r['loop']:.1f} | {r['loop'] / r['bound']:.0f}x | "
               f"{r['loop'] / r['wall']:.1f}x |", flush=True)
 
 

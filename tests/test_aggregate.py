@@ -45,7 +45,7 @@ def test_same_units_in_1_4_64_files_any_order_give_identical_bytes(tmp_path):
         if reference is None:
             reference = outputs
             assert sorted(outputs) == ["certified_accuracy.png", "consistency-demo-random-sigma0.25.tsv",
-                                       "consistency-demo-random-sigma0.5.tsv", "none-sigma0.5.tsv",
+                                       "consistency-demo-random-sigma0.5.tsv", "none-sigma0.5-predict.tsv",
                                        "summary.json", "table.md"]
         else:
             assert outputs.keys() == reference.keys()
@@ -147,8 +147,11 @@ def test_predict_mode_group_matches_binomtest(tmp_path):
     cfg, units, counts, labels = _run_data(0.5, 41, mode="predict")
     assert (units[:, 1] == 1).all()
     paths = write_split(tmp_path / "p", cfg, units, counts, labels, 2)
+    cfg_c, units_c, counts_c, labels_c = _run_data(0.5, 42)  # a CERTIFY run of the same method and sigma
+    paths += write_split(tmp_path / "c", cfg_c, units_c, counts_c, labels_c, 1)
     outputs, table, _ = _outputs(paths, alpha=0.01, radii=(0.0, 0.5))
-    rows = _read_tsv(outputs["consistency-demo-random-sigma0.5.tsv"])
+    assert "consistency-demo-random-sigma0.5.tsv" in outputs  # two rows, not a configuration conflict
+    rows = _read_tsv(outputs["consistency-demo-random-sigma0.5-predict.tsv"])
     correct = 0
     for i in range(M):
         est = counts[units[:, 0] == i].sum(axis=0)
@@ -156,8 +159,10 @@ def test_predict_mode_group_matches_binomtest(tmp_path):
         pred = int(np.argmax(est)) if sps.binomtest(int(top[0]), int(top[:2].sum()), 0.5).pvalue <= 0.01 else -1
         assert rows[i][1] == pred and rows[i][2] == 0.0 and rows[i][5] == 90
         correct += pred == labels[i]
-    g = json.loads(outputs["summary.json"])["groups"][0]
+    g = json.loads(outputs["summary.json"])["groups"][1]
     assert g["mode"] == "predict" and g["certified_accuracy"] == [correct / M, None] and g["acr"] is None
+    best = json.loads(outputs["summary.json"])["best_over_sigma"]
+    assert len(best) == 1 and best[0]["sigmas"] == [0.5]  # PREDICT rows certify nothing: not in the envelope
     assert "0.5 (predict)" in table and "| -" in table.replace("  ", "")
 
 
@@ -187,3 +192,21 @@ def test_memory_filesystem_inputs_and_outputs(tmp_path, monkeypatch):
     import fsspec
     fs = fsspec.filesystem("memory")
     assert json.loads(fs.cat("/agg-test/run/aggregate/summary.json"))["groups"][0]["images_evaluated"] == M
+
+
+def test_group_with_no_complete_image_and_unlike_image_sets(tmp_path):
+    cfg_a, units_a, counts_a, labels = _run_data(0.25, 71)
+    cfg_b, units_b, counts_b, _ = _run_data(0.5, 72)
+    sel = units_a[:, 1] == 0  # sigma 0.25 lost every selection unit
+    paths = write_split(tmp_path / "a", cfg_a, units_a[~sel], counts_a[~sel], labels, 2)
+    keep = units_b[:, 0] != 0
+    paths += write_split(tmp_path / "b", cfg_b, units_b[keep], counts_b[keep], labels, 2)
+    outputs, table, warnings = _outputs(paths, radii=(0.0, 0.25))
+    s = json.loads(outputs["summary.json"])
+    g = s["groups"][0]
+    assert g["images_evaluated"] == 0 and g["certified_accuracy"] == [None, None] and g["acr"] is None
+    assert g["images_missing"] == list(range(M))
+    assert s["best_over_sigma"][0]["certified_accuracy"] == s["groups"][1]["certified_accuracy"]
+    assert s["best_over_sigma"][0]["best_sigma"] == [0.5, 0.5]
+    assert any("different image sets" in w for w in warnings)
+    assert outputs["consistency-demo-random-sigma0.25.tsv"].decode().count("\n") == 1  # header only
