@@ -11,7 +11,6 @@ import math
 import re
 from typing import Sequence
 
-
 from cpcluster.aggregate.evaluate import Envelope, GroupResult
 
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tn0\tn\n"
