@@ -224,6 +224,8 @@ def run(config: FinetuneConfig) -> dict:
         if len(eval_idx):
             log.extend(evaluator(exported, step, which))
 
+    plotted = [0]
+
     def save(step):
         if dist.is_main():
             save_checkpoint(cfg.out, {
@@ -232,7 +234,10 @@ def run(config: FinetuneConfig) -> dict:
                 "ema": None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()},
                 "optimizer": opt.state_dict(), "log": log}, cfg.keep_checkpoints)
             write_metrics(cfg.out, log)
-            plot_curves(log, join_url(cfg.out, "curves.png"))
+            evals = sum(r["kind"] == "eval" for r in log)
+            if evals != plotted[0]:  # drawing takes ~0.5 s: only when there are new evaluation points
+                plot_curves(log, join_url(cfg.out, "curves.png"))
+                plotted[0] = evals
 
     if start == 0 and state is None:
         evaluate(0)

@@ -117,8 +117,9 @@ def plot_curves(records: list[dict], url: str) -> None:
               ("l2", "held-out L2(purified, clean), pixel space")]
     if any(r.get("acc") is not None for r in evals):
         panels.append(("acc", "held-out accuracy of classifier(purified)"))
-    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(panels))
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.15, "top": 0.9,
+                                                     "wspace": 0.28})
     for ax, (key, title) in zip(axes, panels):
         if key == "loss":
             ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
@@ -132,5 +133,5 @@ def plot_curves(records: list[dict], url: str) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     write_bytes_atomic(url, buf.getvalue())
