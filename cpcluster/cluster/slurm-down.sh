@@ -29,5 +29,8 @@ stop /run/munge/munged.pid
 if grep -q '# cpcluster-slurm-up$' /etc/hosts 2>/dev/null; then
   kept=$(grep -v '# cpcluster-slurm-up$' /etc/hosts); printf '%s\n' "$kept" > /etc/hosts
 fi
+# the sacct stand-in that slurm-up.sh writes when it runs without slurmdbd
+SHIM_DIR=${SHIM_DIR:-/usr/local/bin}
+if grep -qs "sacct stand-in written by cpcluster slurm-up.sh" "$SHIM_DIR/sacct"; then rm -f "$SHIM_DIR/sacct"; fi
 log "stopped"
 exit 0

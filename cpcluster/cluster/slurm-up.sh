@@ -22,6 +22,7 @@ MAX_ARRAY_SIZE=${MAX_ARRAY_SIZE:-1001}
 PARTITION=${PARTITION:-debug}
 export DEBIAN_FRONTEND=noninteractive
 T0=$SECONDS
+SHIM_MARK="sacct stand-in written by cpcluster slurm-up.sh"
 log() { echo "[slurm-up] $*"; }
 
 [ "$(id -u)" = 0 ] || { echo "slurm-up.sh: run as root (it installs packages and starts daemons)" >&2; exit 2; }
@@ -159,11 +160,16 @@ EOF
   slurmdbd
   for i in $(seq 100); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.3; done
   sacctmgr -i add cluster ci >/dev/null 2>&1 || true
+  # a stand-in from an earlier run without slurmdbd would shadow the real sacct
+  if grep -qs "$SHIM_MARK" "$SHIM_DIR/sacct"; then rm -f "$SHIM_DIR/sacct"; fi
 elif [ -n "$SHIM_DIR" ]; then
   mkdir -p "$SHIM_DIR"
-  cat > "$SHIM_DIR/sacct" <<'EOF'
+  if [ -e "$SHIM_DIR/sacct" ] && ! grep -qs "$SHIM_MARK" "$SHIM_DIR/sacct"; then
+    log "$SHIM_DIR/sacct exists and is not our stand-in: not replacing it (use WITH_SLURMDBD=1 or SHIM_DIR=)"
+  else
+  sed "s/SHIM_MARK/$SHIM_MARK/" > "$SHIM_DIR/sacct" <<'EOF'
 #!/bin/sh
-# sacct stand-in (no slurmdbd), written by cpcluster slurm-up.sh: answers `sacct ... -j ID [-j ID]` from slurmctld
+# SHIM_MARK: answers `sacct ... -j ID [-j ID]` from slurmctld (no slurmdbd); slurm-down.sh removes it
 ids=
 while [ $# -gt 0 ]; do
   case "$1" in -j|--jobs) ids="$ids${ids:+,}$2"; shift 2 ;; *) shift ;; esac
@@ -173,6 +179,7 @@ echo "JobID|State|NodeList"
 exit 0
 EOF
   chmod +x "$SHIM_DIR/sacct"
+  fi
 fi
 
 # --- daemons ---

@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -18,7 +19,7 @@ OPTS = SlurmOptions(time_min=5, array_parallelism=3, job_name="cpc-test-array")
 def _sacct_states(job_ids):
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
                          capture_output=True, text=True, check=True).stdout
-    return dict(line.split("|", 1) for line in out.splitlines() if line)
+    return dict(line.split("|")[:2] for line in out.splitlines() if line)
 
 
 def test_array_larger_than_max_array_size_is_split_and_completes(tmp_path, logs):
@@ -48,8 +49,12 @@ def test_array_larger_than_max_array_size_is_split_and_completes(tmp_path, logs)
     record_jobs(run, jobs, tags=[{"shard": i} for i in range(n)])
     records = read_jobs(run)
     assert [r["shard"] for r in records] == list(range(n))
-    states = _sacct_states(sorted(set(arrays)))
-    assert {states[r["job_id"]] for r in records} == {"COMPLETED"}
+    # accounting reaches slurmdbd a little after the jobs end: poll
+    deadline, states = time.monotonic() + 60, {}
+    while {states.get(r["job_id"]) for r in records} != {"COMPLETED"} and time.monotonic() < deadline:
+        time.sleep(1)
+        states = _sacct_states(sorted(set(arrays)))
+    assert {r["job_id"]: states.get(r["job_id"]) for r in records} == {r["job_id"]: "COMPLETED" for r in records}
 
 
 def test_one_array_above_max_array_size_is_what_sbatch_refuses(tmp_path, logs):
