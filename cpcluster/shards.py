@@ -302,14 +302,21 @@ def read_shard(url: str) -> ShardData:
     """
     fs, path = _fs(url)
     try:
-        with fs.open(path, "rb") as fh:
-            raw = fh.read()
+        if isinstance(fs, LocalFileSystem):
+            with open(path, "rb"):  # same "no such file" / "cannot read" errors as for remote files
+                pass
+            # h5py reads a local file itself, 4-6x faster than through a Python file object; no HDF5 file
+            # locking (read-only, and flock fails on some cluster filesystems).
+            source, options = path, {"locking": False}
+        else:
+            with fs.open(path, "rb") as fh:
+                source, options = io.BytesIO(fh.read()), {}
     except FileNotFoundError:
         raise InputError(f"{url}: no such file") from None
     except OSError as e:
         raise InputError(f"{url}: cannot read ({e})") from None
     try:
-        with h5py.File(io.BytesIO(raw), "r") as f:
+        with h5py.File(source, "r", **options) as f:
             missing = [f"dataset '{k}'" for k in _DATASETS if k not in f] + \
                       [f"attribute '{k}'" for k in _ATTRS if k not in f.attrs]
             if missing:
