@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from cpcluster.cli import main
 from cpcluster.cli import finetune_cmd
+from cpcluster.shards import read_shard
 
 torch.set_num_threads(1)
 TINY = ["--model", "demo-random", "--data", "demo:train", "--eval-data", "demo", "--steps", "2", "--batch-size", "8",
@@ -97,11 +98,25 @@ def test_debug_executor_runs_and_the_result_loads(tmp_path, monkeypatch):
     out = tmp_path / "out"
     code, output = run(*TINY, "--lpips-random-backbone", "--executor", "debug", "--out", str(out))
     assert code == 0, output
-    assert "executor: debug (1 node(s) x 1 rank(s), CPU)" in output and "rank 0/1: step 0 -> 2" in output
+    assert "executor: debug (as requested): 1 node(s) x 1 rank(s), CPU" in output and "rank 0/1: step 0 -> 2" in output
     from cpcluster.models.specs import load_denoiser
 
     den = load_denoiser(f"finetuned:{out}/final")
     assert den.meta["finetuned"]["step"] == 2
+
+    # the fine-tuned output certifies
+    certified = tmp_path / "certified"
+    res = CliRunner().invoke(main, ["certify", "--denoiser", f"finetuned:{out}/final", "--classifier", "demo-random",
+                                    "--sigma", "0.5", "--max-images", "3", "--n0", "10", "--n", "40",
+                                    "--block-size", "20", "--draw-batch", "10", "--batch", "20",
+                                    "--executor", "debug", "--out", str(certified)])
+    assert res.exit_code == 0, res.output
+    (shard_file,) = [p for p in certified.rglob("shard-*.h5")]
+    shard = read_shard(str(shard_file))
+    weights = json.loads((out / "final" / "cpcluster.json").read_text())["weights"]
+    assert shard.complete and shard.counts.sum() == 3 * (10 + 40)
+    assert shard.config["denoiser"]["spec"] == f"finetuned:{out}/final"
+    assert shard.config["denoiser"]["sha256"] == weights["sha256"] == den.sha256
     # rerunning with another configuration into the same folder is refused before submitting
     code, output = run(*TINY, "--lpips-random-backbone", "--lr", "0.5", "--executor", "debug", "--out", str(out))
     assert_one_line_error(code, output, "differs in: lr")

@@ -8,8 +8,7 @@ import click
 
 from cpcluster.config import FINETUNE_LOSSES, LPIPS_NETS, FinetuneConfig
 from cpcluster.errors import InputError
-
-EXECUTORS = ("auto", "local", "slurm", "debug")
+from cpcluster.slurm import SlurmOptions, make_executor
 
 
 def parse_sigmas(text: str) -> tuple:
@@ -21,34 +20,16 @@ def parse_sigmas(text: str) -> tuple:
         raise InputError(f"--sigmas {text!r}: give comma-separated numbers, e.g. --sigmas 0.25,0.5,1.0") from None
 
 
-def make_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int, timeout_min: int,
-                  partition: str | None, cpus_per_task: int | None):
-    """A submitit executor for one DDP job of ``nodes x ranks_per_node`` tasks; returns ``(executor, name)``.
-
-    A minimal factory local to this command; it could fold into a shared executor factory later.
-    """
-    import submitit
-
-    if kind == "debug":
-        if nodes * ranks_per_node != 1:
-            raise InputError("--executor debug runs one process in this one: use --nodes 1 and one rank")
-        return submitit.DebugExecutor(folder=folder), "debug"
-    if kind == "slurm" or kind == "auto":
-        executor = submitit.AutoExecutor(folder=folder, cluster=None if kind == "auto" else "slurm")
-    else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="local")
-    name = executor.cluster
-    if name == "local" and nodes != 1:
+def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int, **slurm):
+    """The submitit executor of one DDP job of ``nodes x ranks_per_node`` tasks (``cpcluster.slurm`` factory)."""
+    if kind == "local" and nodes != 1:
         raise InputError(f"--nodes {nodes}: the local executor runs on this machine only; use --nodes 1 or "
                          "--executor slurm")
-    params = {"name": "cpcluster-finetune", "timeout_min": timeout_min, "nodes": nodes,
-              "tasks_per_node": ranks_per_node, "gpus_per_node": gpus_per_node}
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
-    if partition:
-        params["slurm_partition"] = partition
-    executor.update_parameters(**params)
-    return executor, name
+    if kind == "debug" and nodes * ranks_per_node != 1:
+        raise InputError("--executor debug runs one process inside this one: use --nodes 1 and one rank")
+    options = SlurmOptions(nodes=nodes, tasks_per_node=ranks_per_node, gpus_per_node=gpus_per_node or None,
+                           job_name="cpcluster-finetune", **slurm)
+    return make_executor(folder, options, kind)
 
 
 @click.command("finetune", context_settings={"show_default": True})
@@ -78,14 +59,16 @@ def make_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_
 @click.option("--nodes", default=1, type=int, help="Nodes of the DDP job.")
 @click.option("--gpus-per-node", default=0, type=int, help="GPUs per node, one rank each (0: CPU ranks).")
 @click.option("--ranks-per-node", default=None, type=int, help="CPU ranks per node (default: 1).")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", help="auto: SLURM if present, else local.")
+@click.option("--executor", type=click.Choice(["auto", "local", "slurm", "debug"]), default="auto",
+              help="auto: SLURM when its controller answers, else local.")
 @click.option("--partition", default=None, help="SLURM partition.")
-@click.option("--timeout-min", default=24 * 60, type=int, help="Job time limit; submitit requeues on timeout.")
-@click.option("--cpus-per-task", default=None, type=int)
+@click.option("--account", default=None, help="SLURM account.")
+@click.option("--time-min", default=24 * 60, type=int, help="Job time limit; submitit requeues on timeout.")
+@click.option("--cpus-per-task", default=None, type=int, help="CPUs per rank (SLURM).")
 @click.option("--log-dir", default=None, help="submitit logs (default: <out>/submitit, must be local/shared).")
 @click.option("--wait", is_flag=True, help="Wait for the job and print each rank's summary.")
 @click.option("--dry-run", is_flag=True, help="Validate and print the config; submit nothing.")
-def finetune(executor, partition, timeout_min, cpus_per_task, log_dir, wait, dry_run, sigmas, gpus_per_node,
+def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wait, dry_run, sigmas, gpus_per_node,
              ranks_per_node, **options):
     """Fine-tune a consistency model with LPIPS on its purification task (multi-node DDP through submitit).
 
@@ -107,19 +90,22 @@ def finetune(executor, partition, timeout_min, cpus_per_task, log_dir, wait, dry
     from cpcluster.jobs.finetune import FinetuneJob, preflight
     from cpcluster.losses import RANDOM_BACKBONE_WARNING
     from cpcluster.shards import is_local, join_url
+    from cpcluster.submit import choose_executor
 
     preflight(config)
     if config.lpips_random_backbone:
         click.secho(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net), fg="red", bold=True, err=True)
     folder = log_dir or (join_url(config.out, "submitit") if is_local(config.out) else os.path.abspath("submitit"))
+    name, reason = choose_executor(executor)
+    device = f"{gpus_per_node} GPU(s) per node" if gpus_per_node else "CPU"
+    click.echo(f"executor: {name} ({reason}): {config.nodes} node(s) x {ranks} rank(s), {device}")
     if dry_run:
-        click.echo(json.dumps({"config": config.to_dict(), "executor": executor, "log_dir": folder}, indent=2))
+        click.echo(json.dumps({"config": config.to_dict(), "executor": name, "log_dir": folder}, indent=2))
         return
-    ex, name = make_executor(executor, os.path.join(folder, "%j"), config.nodes, ranks, gpus_per_node, timeout_min,
-                             partition, cpus_per_task)
+    ex = build_executor(name, os.path.join(folder, "%j") if name == "slurm" else folder, config.nodes, ranks, gpus_per_node, partition=partition,
+                        account=account, time_min=time_min, cpus_per_task=cpus_per_task)
     job = ex.submit(FinetuneJob(config))
-    device = f"{gpus_per_node} GPU(s)" if gpus_per_node else "CPU"
-    click.echo(f"executor: {name} ({config.nodes} node(s) x {ranks} rank(s), {device}); job {job.job_id}")
+    click.echo(f"job {job.job_id} submitted")
     click.echo(f"logs: {os.path.join(folder, str(job.job_id))}")
     click.echo(f"result (when done): {join_url(config.out, 'final')} -> --denoiser finetuned:"
                f"{join_url(config.out, 'final')}")
