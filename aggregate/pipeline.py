@@ -1,12 +1,13 @@
 """``cpcluster aggregate`` as a function: shard files in, certified radii, tables and a figure out.
 
-Order of work: expand the paths, read and check every file, merge per ``(method, sigma)``, decide per image,
+Order of work: expand the paths, read and check every file, merge per ``(method, sigma, mode)``, decide per image,
 render every output to bytes, and only then write. So any validation error leaves the output folder untouched;
 each file is written atomically (temp + rename).
 
-Outputs in ``out``: one TSV per group (``<method>-sigma<s>.tsv``), ``summary.json``, ``table.md`` (and
-``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options and
-the input files with their hashes: the one output that depends on how the units were split into files).
+Outputs in ``out``: one TSV per group (``<method>-sigma<s>[-predict].tsv``), ``summary.json``, ``table.md`` (and
+``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options, the
+input files with their hashes and the list of outputs written: the one output that depends on how the units were
+split into files). Files of an earlier run in ``out`` that this run does not write are left as they are.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def build_outputs(opts: AggregateOptions):
         png = plot_png(results, envs, opts.radii)
         if png is not None:
             outputs[PLOT_FILE] = png
-    inputs = {"options": opts.to_dict(), "warnings": warnings,
+    inputs = {"options": opts.to_dict(), "warnings": warnings, "outputs": sorted(outputs) + ["inputs.json"],
               "files": [{"path": s.path, "config_hash": s.config_hash, "complete": s.complete, "shard": s.shard,
                          "units": int(len(s.units))} for s in sorted(shards, key=lambda s: s.path)]}
     outputs["inputs.json"] = (json.dumps(inputs, indent=1, sort_keys=True) + "\n").encode("utf-8")
