@@ -24,7 +24,7 @@ from cpcluster import __version__
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
 from cpcluster.sharding.plan import Plan, make_plan
-from cpcluster.shards import (_journal_path, config_hash, exists, join_url, read_journal, shard_name,
+from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, shard_name,
                               write_bytes_atomic)
 
 RUN_FILE = "run.json"
@@ -190,13 +190,16 @@ def _config_difference(old: dict, run: ResolvedRun) -> str:
 
 
 def _leftovers(run_dir: str) -> list[str]:
-    """Shard files, journals, temporaries and job records in ``run_dir`` (local or fsspec)."""
+    """Shard files, journals, temporaries and job records in ``run_dir`` (local or fsspec).
+
+    Lock files are not listed: a running shard job holds one, and removing it would let a second process in.
+    """
     fs, path = fsspec.core.url_to_fs(run_dir)
     if not fs.exists(path):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    keep = [n for n in names if (n.startswith("shard-") and ".h5" in n) or n in (RUN_FILE, JOBS_FILE)
-            or n == JOBS_FILE + ".lock"]
+    keep = [n for n in names if ((n.startswith("shard-") and ".h5" in n) or n in (RUN_FILE, JOBS_FILE))
+            and not n.endswith(".lock")]
     return [join_url(run_dir, n) for n in keep]
 
 
@@ -208,15 +211,19 @@ def prepare_run_dir(run: ResolvedRun, overwrite: bool = False) -> str:
     action = check_run_dir(run, overwrite)
     if action == "overwrite":
         for url in _leftovers(run.config.run_dir):
-            if url.endswith(RUN_FILE):
-                continue
-            fs, path = fsspec.core.url_to_fs(url)
-            fs.rm(path)
-            if url.endswith(".h5"):
-                journal = _journal_path(url, None)
-                for p in (journal, journal + ".lock"):
-                    if os.path.exists(p):
-                        os.remove(p)
+            if not url.endswith(RUN_FILE):
+                fs, path = fsspec.core.url_to_fs(url)
+                fs.rm(path)
+        if not is_local(run.config.run_dir):  # journals of remote shards live in local scratch
+            try:
+                old_total = int((read_run(run.config.run_dir) or {}).get("num_shards", 0))
+            except (InputError, TypeError, ValueError):
+                old_total = 0
+            for total in {old_total, run.plan.num_shards} - {0}:
+                for k in range(total):
+                    journal = _journal_path(join_url(run.config.run_dir, shard_name(k, total)), None)
+                    if os.path.exists(journal):
+                        os.remove(journal)
     if action != "resume":
         try:
             write_bytes_atomic(join_url(run.config.run_dir, RUN_FILE),

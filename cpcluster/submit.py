@@ -58,7 +58,8 @@ def _failure(job, task: Task) -> InputError:
     trace = [line for line in lines if not line.startswith(("You can check", "or at paths", "- /"))]
     last = trace[-1] if trace else type(err).__name__
     last = last.split("InputError: ", 1)[-1]
-    return InputError(f"{task.tags}: job failed: {last} (logs in {task.folder})")
+    what = " ".join(f"{k}={v}" for k, v in task.tags.items()) or "job"
+    return InputError(f"{what}: job failed: {last} (logs in {task.folder})")
 
 
 def run_local(tasks: Sequence[Task], *, workers: int = 1, gpus: int = 0, poll: Callable[[], None] | None = None,

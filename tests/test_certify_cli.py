@@ -160,3 +160,26 @@ def test_predict_mode_and_several_sigmas_through_the_local_executor(tmp_path):
         assert shard.config["mode"] == "predict" and shard.config["n0"] == 0
         assert shard.config["sigma"] == float(sigma) and shard.shard["rng_device"] == "cpu"
         assert np.all(shard.counts.sum(1) == shard.units[:, 3])
+
+
+@pytest.mark.parametrize("executor", ["local", "debug"])
+def test_a_failing_shard_job_is_reported_in_one_line(tmp_path, executor):
+    """A shard another process holds makes its job fail; the command names the shard and the reason, exit 2."""
+    import fcntl
+
+    out = tmp_path / "f"
+    args = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "1", "--n", "40",
+            "--block-size", "20", "--draw-batch", "20", "--batch", "20", "--sigma", "0.5", "--out", str(out),
+            "--executor", executor]
+    assert certify(*args, "--dry-run").exit_code == 0
+    run_dir = out / "certify-consistency-sigma0.5"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "shard-00000-of-00001.h5.journal.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        res = certify(*args)
+    assert res.exit_code == 2, res.output
+    error = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "another process is running this shard" in error[0]
+    if executor == "local":
+        assert "sigma=0.5 shard=0: job failed" in error[0]
+    assert not (run_dir / "shard-00000-of-00001.h5").exists()

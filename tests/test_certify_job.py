@@ -99,3 +99,36 @@ def test_allocator_tuning_applies_on_glibc():
     assert tune_allocator() in (True, False)
     if os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") or os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6"):
         assert tune_allocator()
+
+
+def test_fsspec_run_directory_end_to_end_and_overwrite_clears_scratch_journals(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cpcluster.cli import main
+    from cpcluster.shards import _journal_path, expand_paths
+
+    monkeypatch.setenv("CPCLUSTER_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    out = "memory://cpc-certify-test/out"
+    args = ["certify", "--sigma", "0.5", "--denoiser", "demo-random", "--classifier", "demo-random",
+            "--max-images", "2", "--n0", "10", "--n", "40", "--block-size", "20", "--draw-batch", "10",
+            "--batch", "40", "--shards", "2", "--executor", "debug", "--out", out]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    files = expand_paths([out + "/certify-consistency-sigma0.5"])
+    assert len(files) == 2 and all(read_shard(f).complete for f in files)
+
+    cfg = config(out + "/other", num_shards=2)
+    run = prepared(cfg)
+    w = ShardWriter(run.shard_url(1), config=run.shard_config, shard_info={}, image_index=[2], labels=[0],
+                    num_classes=10)
+    w.close()
+    journal = _journal_path(run.shard_url(1), None)
+    assert os.path.exists(journal) and journal.startswith(str(tmp_path / "scratch"))
+    changed = runs.resolve(dataclasses.replace(cfg, seed=9), runs.load_models(cfg))
+    with pytest.raises(InputError, match="different seed"):
+        runs.prepare_run_dir(changed)
+    assert os.path.exists(journal)
+    assert runs.prepare_run_dir(changed, overwrite=True) == "overwrite"
+    assert not os.path.exists(journal)
+    assert CertifyShardJob(dataclasses.replace(cfg, seed=9), 1)() == run.shard_url(1)
