@@ -173,6 +173,9 @@ class CountingEngine:
                 if n < self.batch:
                     self._buf[n:].zero_()  # pad: every forward has the same shape (see module docstring)
                 logits = self.model(self._buf)[:n]
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected (B, "
+                             f"{self.num_classes}): the classifier and the dataset disagree on the classes")
         pred = logits.argmax(dim=1)
         # consecutive noise batches of one unit form one slot; count (slot, class) pairs in one bincount
         slots, sizes = [], []

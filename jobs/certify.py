@@ -105,7 +105,7 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     import numpy as np
     import torch
 
-    from cpcluster.shards import ShardWriter, _journal_path
+    from cpcluster.shards import ShardWriter, _journal_path, read_journal
 
     url = run.shard_url(index)
     total = run.plan.num_shards
@@ -122,6 +122,9 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     with _shard_lock(_journal_path(url, None)):
         if _finished(run, url, index):  # another process finished it while we waited to start
             return url
+        first = read_journal(_journal_path(url, None))
+        if first is not None and first.header.get("shard", {}).get("rng_device") not in (None, device.type):
+            info["rng_device"] = "mixed"  # valid, but the noise of this shard is not bit-reproducible
         writer = ShardWriter(url, config=run.shard_config, shard_info=info, image_index=images, labels=labels,
                              num_classes=run.shard_config["num_classes"])
         try:

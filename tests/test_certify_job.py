@@ -46,13 +46,14 @@ def test_finished_shard_is_a_noop_and_resume_keeps_recorded_units(tmp_path):
     fake = np.zeros(10, dtype=np.int64)
     fake[7] = first[3]
     images = run.plan.shard_images(0)
-    w = ShardWriter(run.shard_url(0), config=run.shard_config, shard_info={}, image_index=images,
-                    labels=run.labels[:len(images)], num_classes=10)
+    w = ShardWriter(run.shard_url(0), config=run.shard_config, shard_info={"rng_device": "cuda"},
+                    image_index=images, labels=run.labels[:len(images)], num_classes=10)
     w.append(first, fake)
     w.close()
     url = CertifyShardJob(cfg, 0)()
     shard = read_shard(url)
     assert shard.complete and shard.shard["resumed_units"] == 1
+    assert shard.shard["rng_device"] == "mixed", "started on a GPU, finished on the CPU"
     np.testing.assert_array_equal(shard.units, run.plan.shard_units(0))
     np.testing.assert_array_equal(shard.counts[0], fake)
     stamp = os.stat(url).st_mtime_ns

@@ -181,3 +181,9 @@ def test_bad_engine_settings():
     with pytest.raises(InputError, match="--dtype"):
         CountingEngine(Recorder(), _images([0]), [0], sigma=1, seed=0, block_size=40, draw_batch=20, batch=20,
                        num_classes=3, dtype="int8")
+
+
+def test_logits_of_the_wrong_width_are_refused():
+    """A class index >= C would spill into the next unit's counts in the shared bincount: refuse it."""
+    with pytest.raises(ValueError, match="expected \\(B, 2\\)"):
+        _run(Threshold(0.5, 0.5, [0.0, 1.0], 3), [0], build_units([0], 0, 20, 20, "predict"), num_classes=2)
