@@ -309,3 +309,28 @@ def test_uses_generator_tells_the_truth(purifier, kind, meta):
             assert pur.uses_generator == (not torch.equal(before, gen.get_state()))
             assert pur.uses_generator == (text == "random" and classes == 10)
     assert build_purifier("none", None, 0.5).uses_generator is False
+
+
+def test_optimize_for_inference_keeps_signature_dtype_and_results(tmp_path):
+    from cpcluster.models.speed import cpu_has_native_bf16, optimize_for_inference, recommended_options
+
+    den = load_denoiser("demo-random:conditional")
+    clf = LoadedClassifier(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)), 10)
+    base = SmoothedBase(build_purifier("consistency", den, 0.5, label_policy=LabelPolicy("random")), clf)
+    x = torch.rand(6, 1, 16, 16)
+    with torch.no_grad():
+        ref = base(x, torch.Generator().manual_seed(3))
+    for options, tol in (({}, 0.0), ({"channels_last": True}, 1e-5), ({"autocast": "bf16"}, 0.1)):
+        fast = optimize_for_inference(base, "cpu", **options)
+        with torch.no_grad():
+            out = fast(x, torch.Generator().manual_seed(3))  # the generator still reaches the label policy
+        assert out.dtype == torch.float32 and out.shape == ref.shape and out.is_contiguous()
+        assert torch.allclose(out, ref, atol=tol, rtol=0), options
+        assert not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(ValueError, match="autocast"):
+        optimize_for_inference(base, "cpu", autocast="int8")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert not cpu_has_native_bf16(str(tmp_path / "cpuinfo"))
+    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx512_bf16\n")
+    assert cpu_has_native_bf16(str(tmp_path / "cpuinfo"))
+    assert recommended_options("cpu") == {"channels_last": False, "autocast": None, "compile": False}
