@@ -23,6 +23,7 @@ import copy
 import functools
 import hashlib
 import os
+import platform
 import signal
 import time
 
@@ -190,8 +191,8 @@ def run(config: FinetuneConfig) -> dict:
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.RAdam(net.parameters(), lr=cfg.lr)
     run_dict = cfg.run_dict()
+    check_run_record(cfg.out, run_dict)  # on every rank, so that all of them stop on a mismatch, not only rank 0
     if dist.is_main():
-        check_run_record(cfg.out, run_dict)
         remove_temporaries(cfg.out)
         write_run_record(cfg.out, cfg.to_dict(), run_dict)
     state = load_latest(cfg.out, run_dict)
@@ -295,7 +296,8 @@ def run(config: FinetuneConfig) -> dict:
                           "eval": [r for r in log if r.get("kind") == "eval"][-len(cfg.sigmas):]})
     digests = dist.all_gather_object(digest(net))
     dist.barrier()
-    return {"rank": info.rank, "world_size": info.world_size, "start_step": start, "step": max(start, cfg.steps),
+    return {"rank": info.rank, "world_size": info.world_size, "node": os.environ.get("SLURMD_NODENAME", platform.node()),
+            "device": info.device, "start_step": start, "step": max(start, cfg.steps),
             "attempt": attempt, "param_sha256": digests[info.rank], "all_param_sha256": digests,
             "ema_sha256": digest(ema) if ema is not None else None, "final": final,
             "train_samples_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None}
