@@ -269,3 +269,21 @@ def test_input_transform_quantize_resize_normalize():
 def test_bad_transform_options(options, message):
     with pytest.raises(InputError, match=message):
         transform_from_options(options, "--classifier x")
+
+
+def make_loaded():
+    from cpcluster.models.loaded import LoadedDenoiser
+
+    torch.manual_seed(0)
+    return LoadedDenoiser(TinyDenoiser(), "ddpm", {"betas": [0.01] * 20, "schedule": "mine", "prediction": "epsilon",
+                                                   "num_classes": None, "note": "kept"})
+
+
+def test_python_factory_returning_loaded_denoiser():
+    plain = load_denoiser("python:test_adapters:make_loaded")
+    assert plain.meta["schedule"] == "mine" and plain.meta["betas"] == [0.01] * 20
+    over = load_denoiser("python:test_adapters:make_loaded?prediction=v_prediction")
+    assert over.meta["prediction"] == "v_prediction" and over.meta["betas"] == [0.01] * 20
+    assert over.meta["note"] == "kept" and over.meta["schedule"] == "mine"
+    cos = load_denoiser("python:test_adapters:make_loaded?schedule=cosine&timesteps=50")
+    assert len(cos.meta["betas"]) == 50 and cos.meta["schedule"] == "cosine(T=50)"

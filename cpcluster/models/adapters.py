@@ -38,7 +38,7 @@ from cpcluster.models.specs import register
 from cpcluster.models.transforms import (TRANSFORM_KEYS, InputTransform, TransformedClassifier, parse_int,
                                          split_options, transform_from_options)
 from cpcluster.models.weights import apply_state_dict, load_state_dict, read_bytes, sha256_bytes
-from cpcluster.models.unet_folder import META_KEYS, load_unet_folder, normalize_meta
+from cpcluster.models.unet_folder import META_KEYS, load_unet_folder, merge_meta, normalize_meta
 
 CLASSIFIER_KEYS = ("num_classes",) + TRANSFORM_KEYS
 
@@ -120,9 +120,11 @@ def _python_denoiser(argument: str) -> LoadedDenoiser:
     body, options = split_options(argument, what, META_KEYS)
     obj, weights = _python_factory(body, what)
     if isinstance(obj, LoadedDenoiser):
-        if options:
-            meta = normalize_meta({"kind": obj.kind, **obj.meta, **options}, what)
-            obj.kind, obj.meta = meta.pop("kind"), meta
+        if options:  # spec options override the factory's metadata; other keys it set are kept
+            own = {k: v for k, v in obj.meta.items() if k in META_KEYS and k != "schedule"}
+            meta = normalize_meta(merge_meta({"kind": obj.kind, "schedule_name": obj.meta.get("schedule"), **own},
+                                             options), what)
+            obj.kind, obj.meta = meta.pop("kind"), {**obj.meta, **meta}
         net = obj.module
     elif isinstance(obj, nn.Module):
         meta = normalize_meta(options, what)

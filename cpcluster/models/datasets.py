@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import zipfile
 
 import numpy as np
 
@@ -129,11 +130,15 @@ def _cifar10(argument: str) -> ImageDataset:
 
 
 def _npz(url: str, what: str) -> dict:
-    raw = read_bytes(url, what)
+    """Every array of an .npz file (streamed from the file object: no second in-memory copy of the file)."""
+    import fsspec
+
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        with fsspec.open(url, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+    except FileNotFoundError:
+        raise InputError(f"{what} {url}: no such file") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{what} {url}: not a readable numeric .npz file ({e})") from None
 
 
