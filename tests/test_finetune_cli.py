@@ -98,7 +98,8 @@ def test_debug_executor_runs_and_the_result_loads(tmp_path, monkeypatch):
     out = tmp_path / "out"
     code, output = run(*TINY, "--lpips-random-backbone", "--executor", "debug", "--out", str(out))
     assert code == 0, output
-    assert "executor: debug (as requested): 1 node(s) x 1 rank(s), CPU" in output and "rank 0/1: step 0 -> 2" in output
+    assert "executor: debug (as requested): 1 node(s) x 1 rank(s), CPU" in output and "rank 0/1 on " in output
+    assert "(cpu): step 0 -> 2" in output
     from cpcluster.models.specs import load_denoiser
 
     den = load_denoiser(f"finetuned:{out}/final")

@@ -39,6 +39,7 @@ def test_two_node_finetune_matches_one_process(tmp_path):
     digests = {line.split("weights sha256 ")[1].split(",")[0] for line in res.output.splitlines()
                if line.startswith("rank ")}
     assert len(digests) == 1  # both ranks hold the same weights
+    assert "rank 0/2 on n1 (cpu)" in res.output and "rank 1/2 on n2 (cpu)" in res.output  # really on 2 nodes
 
     single = FinetuneConfig(model="demo-random", data="demo:train", eval_data="demo", out=str(tmp_path / "one"),
                             steps=6, batch_size=8, lr=0.03, lpips_net="alex", lpips_resize=32,

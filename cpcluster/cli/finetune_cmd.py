@@ -116,5 +116,5 @@ def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wai
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
             raise click.ClickException(f"job {job.job_id} failed: {last[0].strip()[:300]} (logs: {folder})")
         for r in results:
-            click.echo(f"rank {r['rank']}/{r['world_size']}: step {r['start_step']} -> {r['step']}, "
+            click.echo(f"rank {r['rank']}/{r['world_size']} on {r['node']} ({r['device']}): step {r['start_step']} -> {r['step']}, "
                        f"weights sha256 {r['param_sha256'][:16]}, {r['train_samples_per_s'] or 0:.1f} samples/s")
