@@ -85,9 +85,10 @@ def test_local_executor_is_one_node(tmp_path, monkeypatch):
 
 
 def test_dry_run_prints_the_config_and_submits_nothing(no_submit):
-    code, output = run(*TINY, "--lpips-random-backbone", "--ranks-per-node", "2", "--dry-run",
+    code, output = run(*TINY, "--lpips-random-backbone", "--ranks-per-node", "2", "--dry-run", "--executor", "local",
                        "--out", str(no_submit / "o"))
     assert code == 0, output
+    assert "executor: local (as requested): 1 node(s) x 2 rank(s), CPU" in output
     assert "RANDOMLY INITIALISED alex" in output  # loud, on stderr (mixed into output by CliRunner)
     config = json.loads(output[output.index("{"):])["config"]
     assert config["ranks_per_node"] == 2 and config["device"] == "cpu" and config["sigmas"] == [0.25, 0.5, 1.0]
