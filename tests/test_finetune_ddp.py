@@ -81,8 +81,8 @@ def test_sigkill_then_rerun_resumes_without_repeating_steps(tmp_path, reference)
     _, ref_result, ref = reference
     out = tmp_path / "killed"
     cfg = config(out)
-    script = ("import json, sys; from cpcluster.config import FinetuneConfig; "
-              "from cpcluster.jobs.finetune import FinetuneJob; FinetuneJob(FinetuneConfig(**json.loads(sys.argv[1])))()")
+    script = ("import json, sys; from cpcluster.config import FinetuneConfig; from cpcluster.jobs.finetune import "
+              "FinetuneJob; FinetuneJob(FinetuneConfig(**json.loads(sys.argv[1])))()")
     env = {**os.environ, FAULT_KILL_ENV: "8"}  # dies after step 8; the last checkpoint holds step 6
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(cfg.to_dict())], env=env,
                           capture_output=True, text=True, timeout=300)

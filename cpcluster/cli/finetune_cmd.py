@@ -20,13 +20,18 @@ def parse_sigmas(text: str) -> tuple:
         raise InputError(f"--sigmas {text!r}: give comma-separated numbers, e.g. --sigmas 0.25,0.5,1.0") from None
 
 
-def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int, **slurm):
-    """The submitit executor of one DDP job of ``nodes x ranks_per_node`` tasks (``cpcluster.slurm`` factory)."""
+def check_layout(kind: str, nodes: int, ranks_per_node: int) -> None:
+    """What each executor can run: local is one node, debug is one process."""
     if kind == "local" and nodes != 1:
         raise InputError(f"--nodes {nodes}: the local executor runs on this machine only; use --nodes 1 or "
                          "--executor slurm")
     if kind == "debug" and nodes * ranks_per_node != 1:
         raise InputError("--executor debug runs one process inside this one: use --nodes 1 and one rank")
+
+
+def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int, **slurm):
+    """The submitit executor of one DDP job of ``nodes x ranks_per_node`` tasks (``cpcluster.slurm`` factory)."""
+    check_layout(kind, nodes, ranks_per_node)
     options = SlurmOptions(nodes=nodes, tasks_per_node=ranks_per_node, gpus_per_node=gpus_per_node or None,
                            job_name="cpcluster-finetune", **slurm)
     return make_executor(folder, options, kind)
@@ -97,18 +102,20 @@ def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wai
         click.secho(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net), fg="red", bold=True, err=True)
     folder = log_dir or (join_url(config.out, "submitit") if is_local(config.out) else os.path.abspath("submitit"))
     name, reason = choose_executor(executor)
+    check_layout(name, config.nodes, ranks)
     device = f"{gpus_per_node} GPU(s) per node" if gpus_per_node else "CPU"
     click.echo(f"executor: {name} ({reason}): {config.nodes} node(s) x {ranks} rank(s), {device}")
     if dry_run:
         click.echo(json.dumps({"config": config.to_dict(), "executor": name, "log_dir": folder}, indent=2))
         return
-    ex = build_executor(name, os.path.join(folder, "%j") if name == "slurm" else folder, config.nodes, ranks, gpus_per_node, partition=partition,
-                        account=account, time_min=time_min, cpus_per_task=cpus_per_task)
+    ex = build_executor(name, os.path.join(folder, "%j") if name == "slurm" else folder, config.nodes, ranks,
+                        gpus_per_node, partition=partition, account=account, time_min=time_min,
+                        cpus_per_task=cpus_per_task)
     job = ex.submit(FinetuneJob(config))
-    click.echo(f"job {job.job_id} submitted")
-    click.echo(f"logs: {os.path.join(folder, str(job.job_id))}")
-    click.echo(f"result (when done): {join_url(config.out, 'final')} -> --denoiser finetuned:"
-               f"{join_url(config.out, 'final')}")
+    final = join_url(config.out, "final")
+    logs = os.path.join(folder, str(job.job_id)) if name == "slurm" else folder
+    click.echo(f"job {job.job_id} submitted; logs in {logs}")
+    click.echo(f"result (when done): {final}, for `cpcluster certify --denoiser finetuned:{final}`")
     if wait or name == "debug":
         try:
             results = job.results()
@@ -116,5 +123,6 @@ def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wai
             last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
             raise click.ClickException(f"job {job.job_id} failed: {last[0].strip()[:300]} (logs: {folder})")
         for r in results:
-            click.echo(f"rank {r['rank']}/{r['world_size']} on {r['node']} ({r['device']}): step {r['start_step']} -> {r['step']}, "
-                       f"weights sha256 {r['param_sha256'][:16]}, {r['train_samples_per_s'] or 0:.1f} samples/s")
+            click.echo(f"rank {r['rank']}/{r['world_size']} on {r['node']} ({r['device']}): step "
+                       f"{r['start_step']} -> {r['step']}, weights sha256 {r['param_sha256'][:16]}, "
+                       f"{r['train_samples_per_s'] or 0:.1f} samples/s")
