@@ -299,5 +299,6 @@ def run(config: FinetuneConfig) -> dict:
     node = os.environ.get("SLURMD_NODENAME", platform.node())
     return {"rank": info.rank, "world_size": info.world_size, "node": node, "device": info.device,
             "start_step": start, "step": max(start, cfg.steps), "attempt": attempt,
-            "param_sha256": digests[info.rank], "all_param_sha256": digests, "ema_sha256": digest(ema) if ema is not None else None, "final": final,
+            "param_sha256": digests[info.rank], "all_param_sha256": digests,
+            "ema_sha256": digest(ema) if ema is not None else None, "final": final,
             "train_samples_per_s": float(np.median(speeds[1:] or speeds)) if speeds else None}
