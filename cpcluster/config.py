@@ -230,6 +230,11 @@ class FinetuneConfig:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not self.out:
             raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
+        kind, _, value = self.purifier_label.partition(":")
+        if self.purifier_label != "random" and not (kind == "fixed" and value.isdigit()):
+            raise InputError(f"--purifier-label {self.purifier_label!r}: use 'random' or 'fixed:K', e.g. fixed:0")
+        if not 0 <= int(self.seed) < 2**63:
+            raise InputError(f"--seed {self.seed}: must be in [0, 2**63)")
 
     @property
     def world_size(self) -> int:

@@ -35,7 +35,8 @@ def tiny(folder, **kw):
     ({"batch_size": 10, "ranks_per_node": 4}, "not divisible by the 4 ranks"),
     ({"batch_size": 64, "nodes": 3}, "not divisible by the 3 ranks"),
     ({"loss": "l3"}, "--loss"), ({"ema_decay": 1.0}, "--ema-decay"), ({"lr": 0}, "--lr"), ({"steps": 0}, "--steps"),
-    ({"lpips_net": "squeeze"}, "--lpips-net"), ({"out": ""}, "--out"),
+    ({"lpips_net": "squeeze"}, "--lpips-net"), ({"out": ""}, "--out"), ({"purifier_label": "true"}, "fixed:K"),
+    ({"seed": -1}, "--seed"),
 ])
 def test_config_rejects_bad_values(tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
