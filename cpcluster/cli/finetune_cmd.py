@@ -37,7 +37,7 @@ def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus
     return make_executor(folder, options, kind)
 
 
-@click.command("finetune", context_settings={"show_default": True})
+@click.command("finetune", context_settings={"show_default": True, "max_content_width": 110})
 @click.option("--model", required=True, help="Denoiser spec to start from (a consistency model), e.g. demo.")
 @click.option("--data", required=True, help="Training images, a dataset spec, e.g. demo:train.")
 @click.option("--eval-data", default=None, help="Held-out images (default: the last --eval-images of --data).")
@@ -90,6 +90,8 @@ def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wai
     if gpus_per_node and ranks_per_node not in (None, gpus_per_node):
         raise InputError(f"--ranks-per-node {ranks_per_node}: with GPUs there is one rank per GPU; drop it")
     ranks = gpus_per_node or ranks_per_node or 1
+    if options["out"] and "://" not in options["out"]:
+        options["out"] = os.path.abspath(options["out"])  # the job may start in another working directory
     config = FinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks,
                             device="cuda" if gpus_per_node else "cpu", **options)
     from cpcluster.jobs.finetune import FinetuneJob, preflight
