@@ -51,3 +51,34 @@ def test_two_node_finetune_matches_one_process(tmp_path):
     assert max((two["net"][k] - one["net"][k]).abs().max().item() for k in one["net"]) < 5e-5
     record = json.loads((out / "finetune.json").read_text())
     assert record["config"]["nodes"] == 2
+
+
+def test_preempted_job_requeues_and_resumes_from_disk(tmp_path):
+    """USR2 (preemption / time limit) -> submitit calls FinetuneJob.checkpoint() -> requeued -> resumes from disk."""
+    import time
+
+    from cpcluster.cli.finetune_cmd import build_executor
+    from cpcluster.jobs import finetune_io
+
+    if _nodes() < 1:
+        pytest.skip("needs a reachable SLURM cluster (slurm-up.sh)")
+    common = dict(model="demo-random", data="demo:train", eval_data="demo", steps=30, batch_size=16, lr=0.03,
+                  lpips_net="vgg", lpips_resize=32, lpips_random_backbone=True, eval_images=0,
+                  checkpoint_every=4, log_every=1, ema_decay=0.5)
+    out = tmp_path / "preempted"
+    executor = build_executor("slurm", str(tmp_path / "logs" / "%j"), 1, 1, 0, time_min=5)
+    job = executor.submit(FinetuneJob(FinetuneConfig(out=str(out), **common)))
+    deadline = time.monotonic() + 180
+    while not finetune_io.list_checkpoints(str(out)):
+        assert time.monotonic() < deadline, "the job made no checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job.job_id], check=True, capture_output=True)
+    (result,) = job.results()
+    assert result["attempt"] >= 2 and result["start_step"] >= 4 and result["step"] == 30
+    assert "Caught signal SIGUSR2" in open(job.paths.stdout).read()  # submitit's checkpoint() path
+    records = finetune_io.read_metrics(str(out))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))  # each step once
+    assert any(r["kind"] == "resume" for r in records)
+
+    reference = FinetuneJob(FinetuneConfig(out=str(tmp_path / "uninterrupted"), **common))()
+    assert result["param_sha256"] == reference["param_sha256"]
