@@ -5,8 +5,9 @@ Purifier: the consistency purifier around a random-init diffusers ``UNet2DModel`
 and no max-pool) behind a mean/std input transform. Variants go through
 :func:`cpcluster.models.speed.optimize_for_inference`; calls are interleaved round by round (shared machines drift),
 the speedup is the ratio of the fastest round of each (contention only ever adds time, so the minimum is the best
-estimate of a quiet machine; the median is printed too), with each variant's agreement with fp32 (top-1 and
-max |logit difference|).
+estimate of a quiet machine; the median is printed too). The process CPU time of the same calls ("cpu s", min) is
+less sensitive to other jobs on the machine; its ratio is printed as "cpu vs". Each variant's agreement with fp32
+is given as top-1 agreement and max |logit difference|.
 
     .venv/bin/python benchmarks/bench_forward.py --threads 2 --batch 32 --rounds 5
     .venv/bin/python benchmarks/bench_forward.py --device cuda --batch 400 --rounds 10   # on a GPU
@@ -90,20 +91,23 @@ def main() -> None:
             outputs[name] = models[name](x)  # warm-up; includes compilation for compiled variants
             sync()
             first_call[name] = time.perf_counter() - t0
-    times = {n: [] for n in names}
+    times, cpu_times = {n: [] for n in names}, {n: [] for n in names}
     for _ in range(args.rounds):
         for name in names:  # interleaved: drift hits every variant alike
             with torch.inference_mode():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 models[name](x)
                 sync()
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
     ref = outputs["fp32"] if "fp32" in outputs else outputs[names[0]]
     rows = []
     for name in names:
         med = statistics.median(times[name])
         rows.append({"variant": name, "median_s": med, "min_s": min(times[name]), "images_per_s": args.batch / med,
                      "speedup_vs_fp32": min(times[names[0]]) / min(times[name]), "first_call_s": first_call[name],
+                     "cpu_s_min": min(cpu_times[name]),
+                     "cpu_speedup_vs_fp32": min(cpu_times[names[0]]) / min(cpu_times[name]),
                      "top1_agreement": float((outputs[name].argmax(1) == ref.argmax(1)).float().mean()),
                      "max_abs_logit_diff": float((outputs[name] - ref).abs().max())})
     cpu = platform.processor() or platform.machine()
@@ -115,11 +119,11 @@ def main() -> None:
               "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "torch": torch.__version__,
               "unet_params": p_unet, "classifier_params": p_clf}
     print(json.dumps(header))
-    print(f"{'variant':<20} {'median s':>9} {'min s':>7} {'img/s':>8} {'vs fp32':>8} {'1st call s':>10} "
-          f"{'top1 =':>7} {'max|dlogit|':>11}")
+    print(f"{'variant':<20} {'median s':>9} {'min s':>7} {'img/s':>8} {'vs fp32':>8} {'cpu s':>7} {'cpu vs':>7} "
+          f"{'1st call s':>10} {'top1 =':>7} {'max|dlogit|':>11}")
     for r in rows:
         print(f"{r['variant']:<20} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['images_per_s']:8.1f} "
-              f"{r['speedup_vs_fp32']:8.2f} "
+              f"{r['speedup_vs_fp32']:8.2f} {r['cpu_s_min']:7.3f} {r['cpu_speedup_vs_fp32']:7.2f} "
               f"{r['first_call_s']:10.1f} {r['top1_agreement']:7.3f} {r['max_abs_logit_diff']:11.2e}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -94,6 +94,11 @@ def test_pipeline_layout_bin_weights_and_learned_sigma(tmp_path):
         out = den.module(x, torch.ones(2), None)
         ref = unet_module(str(root / "unet"))(x, torch.ones(2)).sample
     assert out.shape == x.shape and torch.equal(out, ref[:, :3])
+    half = tmp_path / "half"
+    save_unet(str(half), scheduler=CM_SCHEDULER, variant="fp16")
+    assert (half / "diffusion_pytorch_model.fp16.safetensors").exists()
+    den16 = load_denoiser(f"diffusers:{half}")
+    assert all(p.dtype == torch.float32 for p in den16.module.parameters())
 
 
 def test_ddpm_folder_schedules(tmp_path):

@@ -1,9 +1,10 @@
 """diffusers ``UNet2DModel`` folders, loaded offline, and the network metadata the purifiers need.
 
 Layouts: ``DIR/config.json`` + ``DIR/diffusion_pytorch_model.safetensors`` (or ``.bin``, read with
-``weights_only=True``), optionally ``DIR/scheduler_config.json``; or a pipeline folder ``DIR/unet/...`` +
-``DIR/scheduler/scheduler_config.json`` (as ``openai/diffusers-cd_imagenet64_lpips``). The architecture is built from
-``config.json`` on the meta device and the weights are assigned to it (no second copy in memory, no hub access).
+``weights_only=True``; or the ``.fp16`` variants, cast to float32), optionally ``DIR/scheduler_config.json``; or a
+pipeline folder ``DIR/unet/...`` + ``DIR/scheduler/scheduler_config.json`` (as ``openai/diffusers-cd_imagenet64_lpips``).
+The architecture is built from ``config.json`` on the meta device and the weights are assigned to it (no second
+copy in memory, no hub access).
 
 Metadata layers, later ones override earlier ones:
 
@@ -35,7 +36,8 @@ KINDS = ("consistency", "edm", "ddpm")
 SCHEDULE_KEYS = ("schedule", "beta_start", "beta_end", "timesteps")
 META_KEYS = ("kind", "c_noise", "grid_steps", "num_classes", "prediction", "preconditioned", "sigma_data", "betas",
              *SCHEDULE_KEYS)
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")  # fp16: cast to fp32
 
 
 def merge_meta(*layers: dict) -> dict:
@@ -180,7 +182,7 @@ def load_unet_folder(path: str, options: dict, what: str) -> LoadedDenoiser:
                          "folder saved with save_pretrained")
     weights = next((join_url(unet_dir, n) for n in WEIGHT_NAMES if exists(join_url(unet_dir, n))), None)
     if weights is None:
-        raise InputError(f"{what}: no {' or '.join(WEIGHT_NAMES)} in {unet_dir}")
+        raise InputError(f"{what}: no {WEIGHT_NAMES[0]} (or .bin / .fp16 variant) in {unet_dir}")
     layers, sources = [], []
     for url in sched_urls:
         cfg = _json(url, what)
