@@ -248,6 +248,12 @@ def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.n
     return bio.getvalue()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(url: str, payload: bytes) -> None:
     """Write ``payload`` to ``url`` so that readers see the old state or the whole new file, never a part."""
     fs, path = _fs(url)
@@ -256,6 +262,7 @@ def write_bytes_atomic(url: str, payload: bytes) -> None:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any written file
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
                 fh.flush()

@@ -106,3 +106,12 @@ def test_expand_paths_errors(tmp_path):
         expand_paths([str(tmp_path / "*.h5")])
     with pytest.raises(InputError, match="no such file"):
         expand_paths([str(tmp_path / "absent.h5")])
+
+
+def test_finished_shard_is_readable_by_others_per_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        url = _finished(tmp_path)
+    finally:
+        os.umask(old)
+    assert os.stat(url).st_mode & 0o777 == 0o644
