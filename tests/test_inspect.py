@@ -65,7 +65,8 @@ def test_inspect_json_real_folder_timm_and_npz(tmp_path):
     weights = open(f"{folder}/diffusion_pytorch_model.safetensors", "rb").read()
     assert rep["denoiser"]["sha256"] == hashlib.sha256(weights).hexdigest()
     assert rep["denoiser"]["grid_steps"] == 40 and rep["denoiser"]["num_classes"] == 10
-    assert rep["classifier"]["transform"]["resize"] == [32, 32] and rep["classifier"]["transform"]["quantize"] == "uint8"
+    transform = rep["classifier"]["transform"]
+    assert transform["resize"] == [32, 32] and transform["quantize"] == "uint8"
     assert rep["classifier"]["parameters"] > 10_000_000 and rep["dataset"]["size"] == 12
     assert rep["problems"] == []
 

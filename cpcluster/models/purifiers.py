@@ -84,7 +84,8 @@ class ConsistencyPurifier(Purifier):
         try:
             self.t = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
         except ValueError as e:
-            raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time exact") from None
+            raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time exact") \
+                from None
         self.label_policy = label_policy
 
     @property

@@ -2,9 +2,9 @@
 
 Layouts: ``DIR/config.json`` + ``DIR/diffusion_pytorch_model.safetensors`` (or ``.bin``, read with
 ``weights_only=True``; or the ``.fp16`` variants, cast to float32), optionally ``DIR/scheduler_config.json``; or a
-pipeline folder ``DIR/unet/...`` + ``DIR/scheduler/scheduler_config.json`` (as ``openai/diffusers-cd_imagenet64_lpips``).
-The architecture is built from ``config.json`` on the meta device and the weights are assigned to it (no second
-copy in memory, no hub access).
+pipeline folder ``DIR/unet/...`` + ``DIR/scheduler/scheduler_config.json`` (the layout of
+``openai/diffusers-cd_imagenet64_lpips``). The architecture is built from ``config.json`` on the meta device and
+the weights are assigned to it (no second copy in memory, no hub access).
 
 Metadata layers, later ones override earlier ones:
 
