@@ -147,10 +147,12 @@ def read_run(run_dir: str) -> dict | None:
     if not fs.exists(path):
         return None
     try:
-        return json.loads(fs.cat_file(path).decode("utf-8"))
+        record = json.loads(fs.cat_file(path).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
-        raise InputError(f"{url}: not valid JSON; the run record is damaged (use --overwrite to start over)") \
-            from None
+        record = None
+    if not isinstance(record, dict):
+        raise InputError(f"{url}: not a JSON object; the run record is damaged (use --overwrite to start over)")
+    return record
 
 
 def check_run_dir(run: ResolvedRun, overwrite: bool = False) -> str:

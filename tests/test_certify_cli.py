@@ -74,6 +74,11 @@ def test_run_directory_resumes_refuses_and_overwrites(tmp_path):
         assert res.output.strip().count("\n") == 0
         assert {n: os.stat(os.path.join(run_dir, n)).st_mtime_ns for n in files} == files
 
+    with open(os.path.join(run_dir, "run.json"), "w") as fh:
+        fh.write("[1, 2]")
+    res = certify(*SMALL, "--sigma", "0.5", "--shards", "2", "--executor", "debug", "--out", out)
+    assert res.exit_code == 2 and "run record is damaged" in res.output
+
     res = certify(*SMALL, "--sigma", "0.5", "--shards", "3", "--seed", "1", "--executor", "debug", "--out", out,
                   "--overwrite")
     assert res.exit_code == 0, res.output
@@ -183,3 +188,35 @@ def test_a_failing_shard_job_is_reported_in_one_line(tmp_path, executor):
     if executor == "local":
         assert "sigma=0.5 shard=0: job failed" in error[0]
     assert not (run_dir / "shard-00000-of-00001.h5").exists()
+
+
+def test_slurm_submission_gets_one_array_per_run_and_records_job_ids(tmp_path, monkeypatch):
+    """The SLURM path up to sbatch: which shards are submitted, with which options, and what is recorded."""
+    import types
+
+    import cpcluster.submit
+    from cpcluster.jobs.certify import CertifyShardJob
+    from cpcluster.slurm import read_jobs
+
+    calls = []
+
+    def fake_submit(tasks, options):
+        calls.append((list(tasks), options))
+        return [types.SimpleNamespace(job_id=f"{100 + len(calls)}_{k}", paths=types.SimpleNamespace(
+            folder=tasks[k].folder)) for k in range(len(tasks))]
+
+    monkeypatch.setattr(cpcluster.submit, "submit_slurm", fake_submit)
+    out = str(tmp_path / "s")
+    res = certify(*SMALL, "--sigma", "0.25", "--sigma", "0.5", "--shards", "3", "--executor", "slurm",
+                  "--partition", "gpu", "--array-parallelism", "2", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "submitted 3 shard jobs" in res.output and "SLURM job(s) 101" in res.output
+    assert "when the jobs have finished: cpcluster aggregate" in res.output
+    assert len(calls) == 2
+    for (tasks, options), sigma in zip(calls, (0.25, 0.5)):
+        assert [t.fn.shard_index for t in tasks] == [0, 1, 2]
+        assert all(isinstance(t.fn, CertifyShardJob) and t.fn.config.sigma == sigma for t in tasks)
+        assert tasks[0].folder.endswith(f"certify-consistency-sigma{sigma:g}/logs/%j")
+        assert options.partition == "gpu" and options.gpus_per_node == 1 and options.array_parallelism == 2
+    records = read_jobs(os.path.join(out, "certify-consistency-sigma0.5"))
+    assert [(r["job_id"], r["shard"], r["sigma"]) for r in records] == [(f"102_{k}", k, 0.5) for k in range(3)]

@@ -253,8 +253,9 @@ def _submit(resolved, tasks, slurm: dict) -> None:
     from cpcluster.slurm import SlurmOptions, parse_sbatch_options, record_jobs
     from cpcluster.submit import submit_slurm
 
+    gpus = None if resolved[0].config.device == "cpu" else 1
     options = SlurmOptions(partition=slurm["partition"], account=slurm["account"], time_min=slurm["time_min"],
-                           gpus_per_node=1, array_parallelism=slurm["array_parallelism"],
+                           gpus_per_node=gpus, array_parallelism=slurm["array_parallelism"],
                            extra=parse_sbatch_options(slurm["sbatch_extra"]), job_name="cpcluster-certify")
     for run in resolved:
         mine = [t for t in tasks if t.fn.config.run_dir == run.config.run_dir]
