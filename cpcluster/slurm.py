@@ -12,7 +12,8 @@ limit, GPUs, CPUs, memory, constraint, array throttle, extra ``#SBATCH`` options
 * :func:`render_sbatch` returns the sbatch scripts :func:`submit_array` would submit, without a cluster
   (``--dry-run``); they are produced by submitit's own code, so they are the same text byte for byte;
 * :func:`record_jobs` / :func:`read_jobs` keep the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
-  commands (``status``, ``resubmit``) find them.
+  commands (``status``, ``resubmit``) find them; they live in :mod:`cpcluster.slurm_jobs` with the job-state
+  queries (``squeue``/``sacct``) and are re-exported here.
 
 Preemption and time limits: submitit asks SLURM to send ``USR2`` ``signal_delay_s`` seconds before the end; its
 handler calls the job's ``checkpoint()`` and requeues it, at most ``max_num_timeout`` times. An outside
@@ -24,18 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from cpcluster.errors import InputError
 from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array  # the one chunking rule (re-exported)
-JOBS_FILE = "jobs.jsonl"
+from cpcluster.slurm_jobs import JOBS_FILE, read_jobs, record_jobs, slurm_reachable  # noqa: F401 (re-exported)
+
 CLUSTERS = ("slurm", "local", "debug")
 
 # sbatch options that SlurmOptions sets through a field (use the field), or that submitit manages itself
@@ -405,94 +405,6 @@ def render_sbatch(options: SlurmOptions, n_tasks: int, folder, max_array_size: i
         finally:
             backend.parameters = saved
     return scripts
-
-
-# -------------------------------------------------------------------------------------------- job records
-def _job_record(job, tags: dict | None) -> dict:
-    job_id = str(job.job_id)
-    main, _, task = job_id.partition("_")
-    record = {
-        "job_id": job_id,
-        "array_job_id": main if task else None,
-        "array_task": int(task) if task.isdigit() else None,
-        "backend": type(job).__name__.replace("Job", "").lower() or "job",
-        "log_folder": str(job.paths.folder),
-        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    record.update(tags or {})
-    return record
-
-
-@contextlib.contextmanager
-def _lock(path: str):
-    """Serialize writers of one local file across processes (no-op for non-local URLs)."""
-    if "://" in path and not path.startswith("file://"):
-        yield
-        return
-    import fcntl
-
-    local = path[len("file://"):] if path.startswith("file://") else path
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    with open(local + ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def record_jobs(run_dir: str, jobs: Sequence, tags: Sequence[dict] | None = None) -> list[dict]:
-    """Append one JSON line per job to ``<run_dir>/jobs.jsonl``, atomically; return the records written.
-
-    Each record holds ``job_id``, ``array_job_id`` and ``array_task`` (None for a plain job), ``backend``
-    (``"slurm"``, ``"local"``...), ``log_folder`` and ``submitted_at`` (UTC), plus ``tags[i]`` for job ``i``
-    (e.g. ``{"shard": 3, "sigma": 0.5}``). The file is rewritten through a temporary name (readers see the old
-    or the new file, never a torn line); concurrent writers on a local filesystem are serialized by a lock file.
-    """
-    import fsspec
-
-    from cpcluster.shards import join_url, write_bytes_atomic
-
-    if tags is not None and len(tags) != len(jobs):
-        raise ValueError(f"record_jobs: {len(jobs)} jobs but {len(tags)} tags")
-    url = join_url(str(run_dir), JOBS_FILE)
-    records = [_job_record(job, tags[i] if tags is not None else None) for i, job in enumerate(jobs)]
-    with _lock(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        old = fs.cat_file(path) if fs.exists(path) else b""
-        if old and not old.endswith(b"\n"):
-            old += b"\n"
-        new = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
-        write_bytes_atomic(url, old + new)
-    return records
-
-
-def read_jobs(run_dir: str) -> list[dict]:
-    """The records of ``<run_dir>/jobs.jsonl`` in submission order (empty when the file does not exist)."""
-    import fsspec
-
-    from cpcluster.shards import join_url
-
-    url = join_url(str(run_dir), JOBS_FILE)
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return []
-    out = []
-    for n, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise InputError(f"{url}: line {n} is not JSON; the job record file is damaged") from None
-    return out
-
-
-def slurm_reachable(timeout_s: float = 10.0) -> bool:
-    """True when ``sinfo`` answers (a controller is reachable from here)."""
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=timeout_s).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 __all__ = [
