@@ -1,0 +1,375 @@
+"""Where a certification run stands: the state of every shard, from its files, refined by SLURM when reachable.
+
+A shard is in one of :data:`STATES`:
+
+* ``complete``: its HDF5 file exists, is marked complete and carries the run's config hash;
+* ``running``: SLURM runs its latest job (or the job is requeued and restarting), or a process on this machine
+  holds the shard's lock file (a local run);
+* ``pending``: its latest job waits in the queue (or was submitted moments ago and is not visible yet; or SLURM
+  cannot be asked, the job was submitted and nothing is written yet);
+* ``partial``: a journal holds some of its units but nothing works on it (an interrupted local run, or SLURM
+  cannot be asked): ``resubmit`` continues it from the journal;
+* ``failed``: its latest job ended (FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ..., or COMPLETED
+  without writing the file) or is gone from SLURM, or its file is damaged or belongs to another configuration;
+* ``missing``: nothing written and no job recorded for it.
+
+Sources, in this order: the job records ``<run>/jobs.jsonl`` and SLURM's view of those jobs
+(:func:`cpcluster.slurm_jobs.query_job_states`), then the files. SLURM is asked first because a job writes its
+shard before it ends: a job seen COMPLETED is then always seen with its file. A job unknown to SLURM counts as not
+visible yet for :data:`UNKNOWN_GRACE_S` after its submission (accounting lags), as gone afterwards.
+
+Draws per second: a complete shard's own measurement (attribute ``shard.draws_per_s``); for a running or
+partial shard, the draws in its journal over the time from the journal's creation to its last write (lower than
+the true speed when the shard waited in between, e.g. after a requeue). The run's ETA is its remaining draws over
+the summed speed of its running shards; unknown when none runs. Journals of runs on fsspec URLs live in each
+node's scratch folder, so their progress is visible only on the node that ran them.
+"""
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from cpcluster.errors import InputError
+
+STATES = ("complete", "running", "pending", "partial", "failed", "missing")
+RESUBMITTABLE = frozenset({"failed", "missing", "partial"})  # nothing works on them and they are unfinished
+UNKNOWN_GRACE_S = 120.0
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """What the files of one shard say: ``kind`` is ``complete``, ``journal``, ``none`` or ``bad``."""
+
+    kind: str
+    units: int = 0
+    draws: int = 0
+    draws_per_s: float | None = None
+    locked: bool = False  # a process on this machine holds the shard's lock (it is running here)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """One row of ``cpcluster status``."""
+
+    index: int
+    state: str
+    units_done: int
+    units_planned: int
+    draws_done: int
+    draws_planned: int
+    draws_per_s: float | None
+    job_id: str | None
+    slurm_state: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """The shards of one run directory, and the run's totals."""
+
+    run_dir: str
+    config_hash: str
+    sigma: float
+    shards: tuple
+    slurm: str  # "reachable", "unreachable" or "unused" (no SLURM job recorded, or not asked)
+
+    def count(self, state: str) -> int:
+        return sum(s.state == state for s in self.shards)
+
+    @property
+    def failed(self) -> tuple:
+        return tuple(s for s in self.shards if s.state == "failed")
+
+    @property
+    def draws_done(self) -> int:
+        return sum(s.draws_done for s in self.shards)
+
+    @property
+    def draws_planned(self) -> int:
+        return sum(s.draws_planned for s in self.shards)
+
+    @property
+    def draws_per_s(self) -> float | None:
+        """Summed speed of the running shards (None when none runs or none has a measurement yet)."""
+        rates = [s.draws_per_s for s in self.shards if s.state == "running" and s.draws_per_s]
+        return float(sum(rates)) if rates else None
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the run is done at the current speed: 0 when complete, None when nothing runs."""
+        left = self.draws_planned - self.draws_done
+        if left <= 0:
+            return 0.0
+        rate = self.draws_per_s
+        return left / rate if rate else None
+
+    def to_dict(self) -> dict:
+        counts = {state: self.count(state) for state in STATES}
+        return {"run_dir": self.run_dir, "config_hash": self.config_hash, "sigma": self.sigma, "slurm": self.slurm,
+                "states": counts, "draws_done": self.draws_done, "draws_planned": self.draws_planned,
+                "draws_per_s": self.draws_per_s, "eta_s": self.eta_s, "shards": [asdict(s) for s in self.shards]}
+
+
+# -------------------------------------------------------------------------------------------------- run record
+def load_run(run_dir: str):
+    """``(run.json record, CertifyConfig, Plan)`` of ``run_dir``, without loading models; InputError if unreadable.
+
+    The plan is recomputed from the record (image selection from the dataset size it names) and checked against
+    the record's unit and draw totals.
+    """
+    from cpcluster.config import CertifyConfig
+    from cpcluster.runs import RUN_FILE, read_run, select_images
+    from cpcluster.sharding.plan import make_plan
+
+    record = read_run(run_dir)
+    if record is None:
+        raise InputError(f"{run_dir}: no {RUN_FILE}; not a certify run folder (give the <out>/<name> folder that "
+                         "`cpcluster certify` printed)")
+    try:
+        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
+        size = int(record["shard_config"]["dataset"]["size"])
+        ids = select_images(size, config.skip, config.max_images, config.indices)
+        plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
+    except (KeyError, TypeError, ValueError, InputError) as e:
+        raise InputError(f"{run_dir}/{RUN_FILE} cannot be read as a certify run ({type(e).__name__}: {e}); rerun "
+                         "`cpcluster certify` with --overwrite") from None
+    if (plan.num_shards, len(plan.units), plan.total_draws) != (record.get("num_shards"), record.get("num_units"),
+                                                               record.get("total_draws")):
+        raise InputError(f"{run_dir}/{RUN_FILE}: its plan does not match its own totals (written by another "
+                         "version?); rerun `cpcluster certify` with --overwrite")
+    return record, config, plan
+
+
+# ------------------------------------------------------------------------------------------------------ files
+def _held_locks() -> set:
+    """``(major, minor, inode)`` of every file with a ``flock`` lock on this machine (``/proc/locks``)."""
+    held = set()
+    try:
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return held
+    for line in lines:
+        parts = line.split()
+        if "FLOCK" not in parts or "->" in parts:  # "->" marks a waiter, not a holder
+            continue
+        for part in parts:
+            fields = part.split(":")
+            if len(fields) == 3:
+                try:
+                    held.add((int(fields[0], 16), int(fields[1], 16), int(fields[2])))
+                except ValueError:
+                    pass
+    return held
+
+
+def _locked(path: str, held: set) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
+
+
+def _read_complete(url: str, config_hash: str) -> ShardFiles:
+    """A finished shard file, read for its attributes and unit table only (not the counts)."""
+    import fsspec
+    import h5py
+
+    from cpcluster.shards import is_local
+
+    try:
+        if is_local(url):
+            f = h5py.File(fsspec.core.url_to_fs(url)[1], "r", locking=False)
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+            f = h5py.File(fs.open(path, "rb"), "r")
+        with f:
+            complete, file_hash = bool(f.attrs["complete"]), f.attrs["config_hash"]
+            info = json.loads(f.attrs["shard"])
+            units = np.asarray(f["units"][()], dtype=np.int64).reshape(-1, 4)
+    except Exception as e:  # h5py raises OSError / KeyError / ValueError on damaged files
+        return ShardFiles("bad", detail=f"shard file unreadable ({type(e).__name__}); remove it and resubmit")
+    file_hash = file_hash.decode() if isinstance(file_hash, bytes) else str(file_hash)
+    if file_hash != config_hash:
+        return ShardFiles("bad", detail="shard file of another run configuration")
+    if not complete:
+        return ShardFiles("bad", units=len(units), draws=int(units[:, 3].sum()),
+                          detail="shard file marked incomplete")
+    rate = info.get("draws_per_s") if isinstance(info, dict) else None
+    return ShardFiles("complete", len(units), int(units[:, 3].sum()),
+                      float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
+
+
+def shard_files(run_dir: str, index: int, total: int, config_hash: str, held: set | None = None) -> ShardFiles:
+    """The file state of shard ``index`` of ``total``: its HDF5 file, else its journal (and lock)."""
+    from cpcluster.shards import _journal_path, exists, join_url, read_journal, shard_name
+
+    url = join_url(run_dir, shard_name(index, total))
+    if exists(url):
+        return _read_complete(url, config_hash)
+    journal = _journal_path(url, None)
+    locked = _locked(journal + ".lock", _held_locks() if held is None else held)
+    state = read_journal(journal)
+    if state is None:
+        return ShardFiles("none", locked=locked)
+    if state.header.get("config_hash") != config_hash:
+        return ShardFiles("bad", locked=locked, detail="journal of another run configuration")
+    draws = int(state.units[:, 3].sum())
+    rate = None
+    start = (state.header.get("shard") or {}).get("start_time")
+    if draws and isinstance(start, (int, float)):
+        elapsed = os.path.getmtime(journal) - start
+        rate = draws / elapsed if elapsed > 0 else None
+    return ShardFiles("journal", len(state.units), draws, rate, locked)
+
+
+# ---------------------------------------------------------------------------------------------------- decision
+def _submitted_at(record: dict) -> float:
+    try:
+        return float(calendar.timegm(time.strptime(record["submitted_at"], "%Y-%m-%dT%H:%M:%SZ")))
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: float,
+           grace_s: float = UNKNOWN_GRACE_S) -> tuple[str, str]:
+    """``(state, detail)`` of one shard from its files, its latest job record and SLURM's view of that job.
+
+    Parameters
+    ----------
+    files : ShardFiles
+    record : dict or None
+        The shard's latest SLURM job record (``jobs.jsonl``), None when it never went to SLURM.
+    job : cpcluster.slurm_jobs.JobState or None
+        SLURM's view of ``record``'s job; None when SLURM does not know it (or was not asked).
+    queried : bool
+        Whether SLURM answered; False means the states come from the files alone.
+    now : float
+        Unix time of the check (for the grace period of a job not visible yet).
+    """
+    from cpcluster.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
+
+    if files.kind == "complete":
+        return "complete", ""
+    if files.kind == "bad":
+        return "failed", files.detail
+    jid = record.get("job_id") if record else None
+    if record is not None and queried:
+        if job is None:
+            if not files.locked:
+                if now - _submitted_at(record) < grace_s:
+                    return "pending", f"job {jid} not visible in SLURM yet"
+                return "failed", f"job {jid} is gone from SLURM (cancelled while pending, or purged)"
+        elif job.state in RUNNING_STATES:
+            return "running", ""
+        elif job.state in PENDING_STATES:
+            return "pending", job.reason if job.reason not in ("None", "(null)") else ""
+        elif not files.locked:
+            if job.state == COMPLETED:
+                return "failed", f"job {jid} COMPLETED without writing the shard file; see its log"
+            return "failed", f"job {jid} {job.state}" + (f" ({job.reason})" if job.source == "sacct"
+                                                         and job.reason not in ("", "0:0") else "")
+    unconfirmed = f"job {jid}; SLURM not reachable" if record is not None and not queried else ""
+    if files.locked:
+        return "running", "lock held on this machine"
+    if files.kind == "journal":
+        return "partial", unconfirmed or "stopped; resubmit continues it"
+    if record is not None and not queried:
+        return "pending", unconfirmed
+    return "missing", ""
+
+
+def _latest_slurm_records(run_dir: str) -> dict:
+    from cpcluster.slurm_jobs import read_jobs
+
+    latest = {}
+    for r in read_jobs(run_dir):
+        if r.get("backend") == "slurm" and isinstance(r.get("shard"), int) and r.get("job_id"):
+            latest[r["shard"]] = r
+    return latest
+
+
+def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[RunStatus]:
+    """The :class:`RunStatus` of each run directory; SLURM is asked once for all their recorded jobs.
+
+    Raises :class:`InputError` for a folder without a readable ``run.json`` (before anything else is read).
+    """
+    from cpcluster.slurm_jobs import query_job_states
+
+    loaded = [(run_dir, *load_run(run_dir)) for run_dir in run_dirs]
+    records = {run_dir: _latest_slurm_records(run_dir) for run_dir, *_ in loaded}
+    ids = [r["job_id"] for recs in records.values() for r in recs.values()]
+    states = query_job_states(ids) if ids and use_slurm else None
+    queried = states is not None
+    slurm = "unused" if not ids or not use_slurm else "reachable" if queried else "unreachable"
+    now = time.time() if now is None else now
+    held = _held_locks()
+    out = []
+    for run_dir, record, config, plan in loaded:
+        draws = plan.shard_draws()
+        rows = []
+        for k in range(plan.num_shards):
+            lo, hi = plan.ranges[k]
+            rec = records[run_dir].get(k)
+            job = (states or {}).get(rec["job_id"]) if rec else None
+            files = shard_files(run_dir, k, plan.num_shards, record["config_hash"], held)
+            state, detail = decide(files, rec, job, queried, now)
+            rows.append(ShardStatus(index=k, state=state, units_done=files.units, units_planned=int(hi - lo),
+                                    draws_done=files.draws if files.kind != "bad" else 0,
+                                    draws_planned=int(draws[k]), draws_per_s=files.draws_per_s,
+                                    job_id=rec["job_id"] if rec else None,
+                                    slurm_state=job.state if job else None, detail=detail))
+        out.append(RunStatus(run_dir, record["config_hash"], config.sigma, tuple(rows), slurm))
+    return out
+
+
+def resubmittable(status: RunStatus) -> list[int]:
+    """Shards to rerun: failed, missing or partial ones (never complete, running or pending ones)."""
+    return [s.index for s in status.shards if s.state in RESUBMITTABLE]
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+def format_duration(seconds: float | None) -> str:
+    """``75`` -> ``"1m 15s"``, ``90000`` -> ``"1d 1h"``; None -> ``"unknown"``."""
+    if seconds is None:
+        return "unknown"
+    s = int(round(seconds))
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // subsize}{sub}"
+    return f"{s}s"
+
+
+def format_status(status: RunStatus, all_shards: bool | None = None) -> str:
+    """The table ``cpcluster status`` prints for one run (every shard when ``all_shards`` or at most 40 shards,
+    else the unfinished ones), then the totals and, if any, the failed shards."""
+    shown = status.shards if (all_shards or (all_shards is None and len(status.shards) <= 40)) else \
+        [s for s in status.shards if s.state != "complete"]
+    lines = [f"run {status.run_dir}  (config {status.config_hash[:12]}, sigma {status.sigma:g}, "
+             f"{len(status.shards)} shards; SLURM: {status.slurm})"]
+    head = ("shard", "state", "units", "draws", "draws/s", "job", "slurm", "note")
+    rows = [(str(s.index), s.state, f"{s.units_done}/{s.units_planned}", f"{s.draws_done:,}/{s.draws_planned:,}",
+             f"{s.draws_per_s:,.0f}" if s.draws_per_s else "-", s.job_id or "-", s.slurm_state or "-", s.detail)
+            for s in shown]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        lines.append("  ".join(c.rjust(w) if i in (0, 2, 3, 4) else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    if len(shown) < len(status.shards):
+        lines.append(f"({len(status.shards) - len(shown)} complete shards not listed; --all lists them)")
+    counts = ", ".join(f"{status.count(st)} {st}" for st in STATES if status.count(st))
+    done, planned = status.draws_done, status.draws_planned
+    rate = status.draws_per_s
+    lines.append(f"total: {counts}; draws {done:,}/{planned:,} ({100 * done / planned:.1f}%); "
+                 f"{f'{rate:,.0f} draws/s' if rate else 'no shard running'}; ETA {format_duration(status.eta_s)}")
+    if status.failed:
+        lines.append("failed: " + "; ".join(f"shard {s.index} ({s.detail})" for s in status.failed))
+        lines.append(f"rerun them with: cpcluster resubmit {status.run_dir}")
+    return "\n".join(lines) + "\n"
