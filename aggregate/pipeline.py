@@ -58,6 +58,8 @@ def default_out(paths: list) -> str:
 def input_files(patterns) -> list:
     """:func:`cpcluster.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
     (folders without any, like an earlier ``aggregate`` output, are skipped)."""
+    for p in patterns:
+        _refuse_unstarted_run(p)
     out = []
     for p in expand_paths(patterns):
         fs, path = fsspec.core.url_to_fs(p)
@@ -68,6 +70,21 @@ def input_files(patterns) -> list:
     if not out:
         raise InputError(f"{' '.join(patterns)}: matches folders only, none holding {SHARD_GLOB} files")
     return sorted(dict.fromkeys(out))
+
+
+def _refuse_unstarted_run(path: str) -> None:
+    """A certify run folder (it has ``run.json``) without any shard file yet: say so, and how to see its state."""
+    fs, local = fsspec.core.url_to_fs(path)
+    if any(c in local for c in "*?[") or not fs.isdir(local) or fs.glob(local.rstrip("/") + "/" + SHARD_GLOB):
+        return
+    record = join_url(path, "run.json")
+    if fs.exists(fsspec.core.url_to_fs(record)[1]):
+        try:
+            total = json.loads(fs.cat_file(fsspec.core.url_to_fs(record)[1])).get("num_shards", "?")
+        except (ValueError, AttributeError):
+            total = "?"
+        raise InputError(f"{path}: unfinished certify run, none of its {total} shard files is written yet; "
+                         f"`cpcluster status {path}` shows where its shards stand")
 
 
 def build_outputs(opts: AggregateOptions):
@@ -86,6 +103,9 @@ def build_outputs(opts: AggregateOptions):
         if len(r.partial):
             warnings.append(f"{p.method} sigma {p.sigma:g}: {len(r.partial)} image(s) decided with fewer draws "
                             "than planned (--allow-partial); the TSV's n0 and n columns give them")
+    if any(len(g.missing_shards) for g in groups):
+        warnings.append("the run is unfinished: `cpcluster status RUN_DIR` shows its shards, `cpcluster resubmit "
+                        "RUN_DIR` reruns the failed ones")
     envs = envelopes(results)
     for e in envs:
         sets = {tuple(r.idx.tolist()) for r in results if r.group.plan.method == e.method

@@ -133,18 +133,18 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
     models = runs.load_models(configs[0])
     resolved = [runs.resolve(c, models) for c in configs]
     kind, reason = choose_executor(executor)
+    slurm = dict(partition=partition, account=account, time_min=time_min, array_parallelism=array_parallelism,
+                 sbatch_extra=sbatch_extra)
     if dry_run:
-        _print_plan(resolved, models, kind, reason)
+        _print_plan(resolved, models, kind, reason, slurm)
         return
     for run in resolved:
         runs.check_writable(run.config.run_dir)
         runs.check_run_dir(run, overwrite)
-    execute(resolved, kind, reason, overwrite=overwrite, workers=workers,
-            slurm=dict(partition=partition, account=account, time_min=time_min,
-                       array_parallelism=array_parallelism, sbatch_extra=sbatch_extra))
+    execute(resolved, kind, reason, overwrite=overwrite, workers=workers, slurm=slurm)
 
 
-def _print_plan(resolved, models, kind: str, reason: str) -> None:
+def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
     rate, where = estimate_rate(resolved[0], models)
     click.echo(f"executor: {kind} ({reason})")
     for run in resolved:
@@ -155,7 +155,23 @@ def _print_plan(resolved, models, kind: str, reason: str) -> None:
         hours = plan.total_draws / rate / 3600
         click.echo(f"  estimated cost: {hours:.3g} device-hours in all, {draws.max() / rate / 60:.3g} min for the "
                    f"largest shard, at {rate:,.0f} draws/s measured here ({where})")
+    if kind == "slurm":
+        _print_sbatch(resolved, slurm)
     click.echo("dry run: nothing written or submitted")
+
+
+def _print_sbatch(resolved, slurm: dict) -> None:
+    """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.slurm.render_sbatch)."""
+    from cpcluster import runs
+    from cpcluster.slurm import render_sbatch
+
+    options = slurm_options(resolved, slurm)
+    for run in resolved:
+        todo = run.plan.num_shards - len(runs.complete_shards(run))
+        scripts = render_sbatch(options, todo, _log_folder(run, "slurm")) if todo else []
+        for i, script in enumerate(scripts, 1):
+            click.echo(f"----- sbatch script {i} of {len(scripts)} for {run.config.run_dir} -----")
+            click.echo(script.rstrip("\n"))
 
 
 def estimate_rate(run, models) -> tuple[float, str]:
@@ -189,8 +205,12 @@ def _log_folder(run, kind: str) -> str:
     return os.path.join(folder, "%j") if kind == "slurm" else folder
 
 
-def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int | None, slurm: dict) -> None:
-    """Prepare every run directory, then run (local, debug) or submit (slurm) its unfinished shards."""
+def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int | None, slurm: dict,
+            only: dict | None = None) -> None:
+    """Prepare every run directory, then run (local, debug) or submit (slurm) its unfinished shards.
+
+    ``only`` (``{run_dir: shard indices}``, used by ``cpcluster resubmit``) restricts each run to those shards.
+    """
     import dataclasses
 
     from cpcluster import runs
@@ -215,7 +235,8 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
         click.echo(f"run {run.config.run_dir}: {action}, {len(done)} of {run.plan.num_shards} shards complete")
         config = dataclasses.replace(run.config, threads=threads) if threads else run.config
         tasks += [Task(CertifyShardJob(config, k), _log_folder(run, kind), {"sigma": run.config.sigma, "shard": k})
-                  for k in range(run.plan.num_shards) if k not in done]
+                  for k in range(run.plan.num_shards)
+                  if k not in done and (only is None or k in only.get(run.config.run_dir, ()))]
     if kind == "slurm":
         _submit(resolved, tasks, slurm)
     elif tasks:
@@ -249,20 +270,28 @@ def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
         bar.close()
 
 
-def _submit(resolved, tasks, slurm: dict) -> None:
-    from cpcluster.slurm import SlurmOptions, parse_sbatch_options, record_jobs
-    from cpcluster.submit import submit_slurm
+def slurm_options(resolved, slurm: dict):
+    """The :class:`~cpcluster.slurm.SlurmOptions` of the shard jobs (one GPU each unless ``--device cpu``)."""
+    from cpcluster.slurm import SlurmOptions, parse_sbatch_options
 
     gpus = None if resolved[0].config.device == "cpu" else 1
-    options = SlurmOptions(partition=slurm["partition"], account=slurm["account"], time_min=slurm["time_min"],
-                           gpus_per_node=gpus, array_parallelism=slurm["array_parallelism"],
-                           extra=parse_sbatch_options(slurm["sbatch_extra"]), job_name="cpcluster-certify")
+    return SlurmOptions(partition=slurm["partition"], account=slurm["account"], time_min=slurm["time_min"],
+                        gpus_per_node=gpus, array_parallelism=slurm["array_parallelism"],
+                        extra=parse_sbatch_options(slurm["sbatch_extra"]), job_name="cpcluster-certify")
+
+
+def _submit(resolved, tasks, slurm: dict) -> None:
+    from cpcluster.slurm import record_jobs
+    from cpcluster.submit import submit_slurm
+
+    options = slurm_options(resolved, slurm)
+    submit = {k: list(v) if k == "sbatch_extra" else v for k, v in slurm.items()}  # for `cpcluster resubmit`
     for run in resolved:
         mine = [t for t in tasks if t.fn.config.run_dir == run.config.run_dir]
         if not mine:
             continue
         jobs = submit_slurm(mine, options)
-        record_jobs(run.config.run_dir, jobs, [t.tags for t in mine])
+        record_jobs(run.config.run_dir, jobs, [{**t.tags, "submit": submit} for t in mine])
         ids = sorted({str(j.job_id).partition("_")[0] for j in jobs})
         click.echo(f"submitted {len(jobs)} shard jobs of {run.config.run_dir} as SLURM job(s) {', '.join(ids)}; "
                    f"logs in {os.path.dirname(mine[0].folder)}")
