@@ -367,8 +367,10 @@ def format_status(status: RunStatus, all_shards: bool | None = None) -> str:
     counts = ", ".join(f"{status.count(st)} {st}" for st in STATES if status.count(st))
     done, planned = status.draws_done, status.draws_planned
     rate = status.draws_per_s
-    lines.append(f"total: {counts}; draws {done:,}/{planned:,} ({100 * done / planned:.1f}%); "
-                 f"{f'{rate:,.0f} draws/s' if rate else 'no shard running'}; ETA {format_duration(status.eta_s)}")
+    speed = f"{rate:,.0f} draws/s" if rate else "done" if done >= planned else \
+        "speed not measured yet" if status.count("running") else "no shard running"
+    lines.append(f"total: {counts}; draws {done:,}/{planned:,} ({100 * done / planned:.1f}%); {speed}; "
+                 f"ETA {format_duration(status.eta_s)}")
     if status.failed:
         lines.append("failed: " + "; ".join(f"shard {s.index} ({s.detail})" for s in status.failed))
         lines.append(f"rerun them with: cpcluster resubmit {status.run_dir}")

@@ -1,7 +1,7 @@
 """``cpcluster finetune --executor slurm --nodes 2`` on a live SLURM cluster (marked ``slurm``; needs ``sinfo``).
 
-Start the project's test cluster with ``NODES=2 WITH_SLURMDBD=1 bash cpcluster/cluster/slurm-up.sh`` and run
-``python -m pytest -m slurm tests/test_finetune_slurm.py``. Without a reachable cluster the test is skipped.
+Run by ``make test-slurm``; by hand: start the project's test cluster with ``NODES=2 WITH_SLURMDBD=1 bash
+cpcluster/cluster/slurm-up.sh`` and run ``python -m pytest -m slurm tests/slurm/test_finetune_slurm.py``.
 """
 import json
 import subprocess
