@@ -362,3 +362,18 @@ def test_query_job_states(fake_slurm):
 def test_format_duration():
     assert [format_duration(s) for s in (None, 0, 59.6, 75, 3600 * 2 + 61, 90000)] == [
         "unknown", "0s", "1m 0s", "1m 15s", "2h 1m", "1d 1h"]
+
+
+def test_large_runs_list_only_their_unfinished_shards_unless_all():
+    from cpcluster.status import RunStatus, ShardStatus
+
+    rows = tuple(ShardStatus(k, "complete" if k != 41 else "running", 2 if k != 41 else 1, 2, 200 if k != 41 else 50,
+                             200, 100.0, f"7_{k}", None, "") for k in range(48))
+    status = RunStatus("/runs/r", "ab" * 32, 0.5, rows, "reachable")
+    short, full = format_status(status), format_status(status, all_shards=True)
+    table = [line for line in short.splitlines() if line.lstrip()[:1].isdigit()]
+    assert [line.split()[0] for line in table] == ["41"]
+    assert "(47 complete shards not listed; --all lists them)" in short
+    assert len([line for line in full.splitlines() if line.lstrip()[:1].isdigit()]) == 48
+    assert "47 complete, 1 running; draws 9,450/9,600 (98.4%); 100 draws/s; ETA 2s" in short
+    assert status.eta_s == pytest.approx(150 / 100.0)
