@@ -1,8 +1,16 @@
-"""Loaders of the built-in demo models and data (specs ``demo``, ``demo-finetuned``, ``demo-random``).
+"""Loaders of the built-in demo models and data (specs ``demo``, ``demo:finetuned``, ``demo-random``).
 
-``demo`` loads the weights shipped in this folder (``classifier.safetensors``, ``denoiser.safetensors``,
-``denoiser-finetuned.safetensors``), made reproducibly by ``scripts/train_demo.py``. ``demo-random`` is the same
-architecture with a seeded random init, for tests; it says so in its description.
+Shipped weights (this folder), made reproducibly by ``scripts/train_demo.py``, which also writes ``metrics.json``
+(what it measured on the 500 test digits):
+
+* ``classifier.safetensors`` -- :class:`DemoClassifier` trained on the clean ``demo:train`` digits (spec
+  ``--classifier demo``);
+* ``denoiser.safetensors`` -- :class:`DemoUNet`, a consistency-parameterised one-step denoiser trained with the L2
+  loss at the serving sigmas {0.25, 0.5, 1.0} through the project's fine-tuning job: the purifier *before* LPIPS
+  fine-tuning (spec ``--denoiser demo``);
+* ``denoiser-finetuned.safetensors`` -- optional, the same after a longer LPIPS fine-tuning (``demo:finetuned``).
+
+``demo-random`` is the same architecture with a seeded random init, for tests; its metadata says so.
 """
 from __future__ import annotations
 
@@ -19,22 +27,37 @@ from cpcluster.models.weights import apply_state_dict, load_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENOISER_META = {"c_noise": "openai", "grid_steps": 18, "num_classes": None}
+CLASSIFIER_TRANSFORM = {"input": "1x16x16 pixel [0,1]"}
 WEIGHT_FILES = {"classifier": "classifier.safetensors", "denoiser": "denoiser.safetensors",
                 "denoiser-finetuned": "denoiser-finetuned.safetensors"}
+METRICS_FILE = "metrics.json"
 
 
-def shipped(name: str) -> str:
-    """Path of a shipped demo weight file (may not exist before ``scripts/train_demo.py`` has run)."""
-    return os.path.join(HERE, WEIGHT_FILES[name])
+def shipped(name: str, folder: str | None = None) -> str:
+    """Path of demo weight file ``name`` (a key of :data:`WEIGHT_FILES`) in ``folder`` (default: this package)."""
+    return os.path.join(folder or HERE, WEIGHT_FILES[name])
 
 
-def _weights(module: torch.nn.Module, name: str) -> str:
-    path = shipped(name)
+def _weights(module: torch.nn.Module, path: str) -> str:
     if not os.path.exists(path):
         raise InputError(f"demo weights {path} are missing; run `python scripts/train_demo.py` to build them")
     state, digest = load_state_dict(path, "demo weights")
     apply_state_dict(module, state, path, "demo weights")
     return digest
+
+
+def demo_denoiser(path: str) -> LoadedDenoiser:
+    """A :class:`DemoUNet` consistency denoiser (model space [-1, 1]) with the weights of ``path``, eval mode."""
+    net = DemoUNet()
+    digest = _weights(net, path)
+    return LoadedDenoiser(net.eval(), "consistency", dict(DENOISER_META), sha256=digest)
+
+
+def demo_classifier(path: str) -> LoadedClassifier:
+    """A :class:`DemoClassifier` (pixel space [0, 1] in, 10 logits out) with the weights of ``path``, eval mode."""
+    net = DemoClassifier()
+    digest = _weights(net, path)
+    return LoadedClassifier(net.eval(), 10, sha256=digest, transform=dict(CLASSIFIER_TRANSFORM))
 
 
 def _random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -51,9 +74,7 @@ def _demo_denoiser(argument: str) -> LoadedDenoiser:
     name = {"": "denoiser", "finetuned": "denoiser-finetuned"}.get(argument)
     if name is None:
         raise InputError(f"--denoiser demo:{argument}: use 'demo' or 'demo:finetuned'")
-    net = DemoUNet()
-    digest = _weights(net, name)
-    return LoadedDenoiser(net.eval(), "consistency", dict(DENOISER_META), sha256=digest)
+    return demo_denoiser(shipped(name))
 
 
 @register("denoiser", "demo-random")
@@ -66,17 +87,19 @@ def _demo_random_denoiser(argument: str) -> LoadedDenoiser:
 
 @register("classifier", "demo")
 def _demo_classifier(argument: str) -> LoadedClassifier:
-    net = DemoClassifier()
-    digest = _weights(net, "classifier")
-    return LoadedClassifier(net.eval(), 10, sha256=digest, transform={"input": "1x16x16 pixel [0,1]"})
+    if argument:
+        raise InputError(f"--classifier demo:{argument}: the demo has one classifier; use 'demo'")
+    return demo_classifier(shipped("classifier"))
 
 
 @register("classifier", "demo-random")
 def _demo_random_classifier(argument: str) -> LoadedClassifier:
     net = _random(DemoClassifier(), seed=2)
-    return LoadedClassifier(net.eval(), 10, transform={"input": "1x16x16 pixel [0,1]", "random_init": True})
+    return LoadedClassifier(net.eval(), 10, transform={**CLASSIFIER_TRANSFORM, "random_init": True})
 
 
 @register("dataset", "demo")
 def _demo_data(argument: str):
+    if argument not in ("", "test", "train"):
+        raise InputError(f"--dataset demo:{argument}: use 'demo' (500 test digits) or 'demo:train' (1297 digits)")
     return demo_dataset(argument or "test")

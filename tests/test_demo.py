@@ -1,0 +1,98 @@
+"""``cpcluster demo --quick`` end to end (fine-tune, certify three purifiers x three sigmas on several shards with
+the local executor, aggregate), its rerun (reuses and resumes, same results) and its one-line errors."""
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from cpcluster.cli import main
+from cpcluster.demo.pipeline import FULL, METHODS, QUICK, certify_args, label
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--workers", "2"])
+    return out, result
+
+
+def test_quick_demo_writes_table_png_and_summary(quick):
+    out, result = quick
+    assert result.exit_code == 0, result.output
+    agg = out / "quick" / "aggregate"
+    assert (agg / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((agg / "summary.json").read_text())
+    groups = summary["groups"]
+    final = os.path.join(str(out), "quick", "finetune", "final")
+    methods = {"none", "consistency(demo)", f"consistency(finetuned:{final})"}
+    assert {(g["method"], g["sigma"]) for g in groups} == {(m, s) for m in methods for s in (0.25, 0.5, 1.0)}
+    assert all(g["images_evaluated"] == QUICK.max_images and g["n0"] == QUICK.n0 and g["n"] == QUICK.n for g in groups)
+    assert summary["alpha"] == QUICK.alpha
+    # every run was cut into the planned number of shards, all complete
+    for prefix, _, _ in METHODS:
+        for sigma in ("0.25", "0.5", "1"):
+            run = out / "quick" / "certify" / f"{prefix}-sigma{sigma}"
+            assert len(list(run.glob(f"shard-*-of-{QUICK.shards:05d}.h5"))) == QUICK.shards
+    table = (agg / "table.md").read_text()
+    assert table.strip() in result.output and "best over sigma" in table
+    for m in methods:
+        assert m in table
+    # the fine-tuning really ran: its exported weights differ from the base, and it started from `demo`
+    meta = json.loads((out / "quick" / "finetune" / "final" / "cpcluster.json").read_text())
+    assert meta["base"]["spec"] == "demo" and meta["step"] == QUICK.finetune["steps"]
+    assert meta["config"]["lpips_random_backbone"] is True
+    # the output says loudly that LPIPS used a random trunk, and shows the commands it ran
+    assert result.output.count("RANDOMLY INITIALISED") >= 1 and "randomly initialised trunk" in result.output
+    assert "$ cpcluster certify --purifier none" in result.output and "$ cpcluster aggregate" in result.output
+    assert "held-out check" in result.output and "wall time" in result.output
+
+
+def test_rerun_reuses_finished_work(quick):
+    out, first = quick
+    assert first.exit_code == 0, first.output
+    summary = (out / "quick" / "aggregate" / "summary.json").read_text()
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "quick" / "certify").glob("*/shard-*.h5")}
+    again = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "reusing the finished fine-tuning" in again.output
+    assert again.output.count(f"resume, {QUICK.shards} of {QUICK.shards} shards complete") == 9
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # no shard rewritten
+    assert (out / "quick" / "aggregate" / "summary.json").read_text() == summary
+
+
+def test_other_settings_in_the_same_folder_are_refused_in_one_line(quick, tmp_path):
+    out, first = quick
+    assert first.exit_code == 0, first.output
+    record = out / "quick" / "finetune" / "finetune.json"
+    data = json.loads(record.read_text())
+    data["run_hash"], data["run"]["lr"] = "0" * 64, 1.0  # as if made with other settings
+    odd = tmp_path / "odd"
+    (odd / "quick" / "finetune").mkdir(parents=True)
+    (odd / "quick" / "finetune" / "finetune.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(odd)])
+    assert result.exit_code == 2
+    assert "another configuration" in result.output and "--overwrite" in result.output
+    assert "Traceback" not in result.output and not (odd / "quick" / "certify").exists()
+
+
+def test_bad_workers_and_help(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo", "--workers", "0", "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "--workers 0" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "w").exists()  # refused before anything ran
+    help_text = runner.invoke(main, ["demo", "--help"]).output
+    assert "cpcluster demo --quick --out /tmp/demo" in help_text and "RANDOM" in help_text
+
+
+def test_presets_are_valid_certify_and_finetune_settings(tmp_path):
+    """The full preset's options parse into valid configs (no run): n0/n/blocks/shards, fine-tuning fields."""
+    from cpcluster.demo.pipeline import finetune_config
+
+    for plan in (FULL, QUICK):
+        cfg = finetune_config(plan, str(tmp_path))
+        assert cfg.lpips_random_backbone and cfg.model == "demo" and cfg.sigmas == plan.sigmas
+        args = certify_args(plan, str(tmp_path), METHODS[2], "final", 2)
+        assert args[:2] == ["--denoiser", "finetuned:final"] and args.count("--sigma") == 3
+        assert int(args[args.index("--block-size") + 1]) % plan.draw_batch == 0
+    assert label("consistency(finetuned:x/final)") == "after fine-tuning" and label("none") == "no purifier"
