@@ -72,8 +72,24 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(quick, tmp_pa
     (odd / "quick" / "finetune" / "finetune.json").write_text(json.dumps(data))
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(odd)])
     assert result.exit_code == 2
-    assert "another configuration" in result.output and "--overwrite" in result.output
+    assert "another configuration" in result.output and "cpcluster demo --overwrite" in result.output
     assert "Traceback" not in result.output and not (odd / "quick" / "certify").exists()
+    assert result.output.count("Error:") == 1
+
+
+def test_overwrite_deletes_only_the_demo_folders_then_runs(tmp_path, monkeypatch):
+    from cpcluster.demo import pipeline
+
+    root = tmp_path / "quick"
+    for sub in ("finetune/final", "certify/none-sigma0.5", "certify/my-own-run", "aggregate"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "x.txt").write_text("old")
+    calls = []
+    monkeypatch.setattr(pipeline, "_stages", lambda *a: calls.append(a) or "ran")
+    assert pipeline.run_demo(QUICK, str(tmp_path), echo=lambda s: None, overwrite=True) == "ran"
+    assert calls and not (root / "finetune").exists() and not (root / "aggregate").exists()
+    assert not (root / "certify" / "none-sigma0.5").exists()
+    assert (root / "certify" / "my-own-run" / "x.txt").read_text() == "old"  # not a demo folder: kept
 
 
 def test_bad_workers_and_help(tmp_path):

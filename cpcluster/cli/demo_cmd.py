@@ -9,7 +9,7 @@ import click
               help="Folder for the fine-tuning run, the shards and the aggregate outputs.")
 @click.option("--quick", is_flag=True, help="A tiny run (3 images, 100 draws, 4 fine-tuning steps): a smoke test.")
 @click.option("--workers", type=int, default=None, help="Shard processes at once [default: one per CPU core, <= 8].")
-@click.option("--overwrite", is_flag=True, help="Replace earlier demo runs in --out made with other settings.")
+@click.option("--overwrite", is_flag=True, help="Delete earlier demo results in --out first and start over.")
 def demo(out, quick, workers, overwrite):
     """Run the Consistency Purification story on this machine: fine-tune, certify, aggregate.
 

@@ -122,15 +122,13 @@ def finetune_done(config) -> dict | None:
     return meta
 
 
-def run_finetune(config, echo: Callable, overwrite: bool = False) -> dict:
+def run_finetune(config, echo: Callable) -> dict:
     """Run (or reuse) the LPIPS fine-tuning of ``config`` as a local DDP job with a progress bar; return its meta.
 
     The job is :class:`cpcluster.jobs.finetune.FinetuneJob` on ``config.ranks_per_node`` CPU ranks (gloo) through
     submitit's local executor, built by :func:`cpcluster.slurm.make_executor` as ``cpcluster finetune`` does.
     The bar follows the checkpoints the job writes.
     """
-    import shutil
-
     from tqdm import tqdm
 
     from cpcluster.jobs.finetune import FinetuneJob, preflight
@@ -141,16 +139,11 @@ def run_finetune(config, echo: Callable, overwrite: bool = False) -> dict:
     if meta is not None:
         echo(f"reusing the finished fine-tuning in {config.out} (same configuration)")
         return meta
-    if overwrite and os.path.isdir(config.out):
-        shutil.rmtree(config.out)
-    try:
-        preflight(config)
-    except InputError as e:
-        raise InputError(f"{e} (or rerun the demo with --overwrite)") from None
+    preflight(config)
     folder = os.path.join(config.out, "submitit")
     options = SlurmOptions(nodes=1, tasks_per_node=config.ranks_per_node, job_name="cpcluster-demo-finetune")
     job = make_executor(folder, options, "local").submit(FinetuneJob(config))
-    bar = tqdm(total=config.steps, unit="step", desc="fine-tune", mininterval=0.5, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, unit="step", desc="fine-tune", mininterval=1.0, dynamic_ncols=True)
     try:
         while True:
             done = job.done()
@@ -216,23 +209,49 @@ def label(method: str) -> str:
 
 def run_demo(plan: DemoPlan, out: str, echo: Callable = print, warn: Callable | None = None,
              workers: int | None = None, overwrite: bool = False) -> DemoResult:
-    """Fine-tune, certify three purifiers at every sigma of ``plan``, aggregate; see the module docstring."""
-    from cpcluster.jobs.finetune_io import read_metrics
-    from cpcluster.losses import RANDOM_BACKBONE_WARNING
+    """Fine-tune, certify three purifiers at every sigma of ``plan``, aggregate; see the module docstring.
 
+    ``echo`` / ``warn`` print a line (normal / loud); ``workers`` shard processes at once (default: one per core,
+    at most 8). Earlier demo results in ``out`` made with other settings are refused with an :class:`InputError`
+    unless ``overwrite``, which deletes the demo's folders in ``out`` first (:func:`demo_paths`) and starts over.
+    """
     warn = warn or echo
     root = out if plan.name == "full" else os.path.join(out, plan.name)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise InputError(f"--workers {workers}: must be at least 1 (or leave it out: one per CPU core)")
     workers = workers or default_workers()
     check_models()
+    if overwrite:
+        import shutil
+
+        for path in demo_paths(plan, root):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+    try:
+        return _stages(plan, root, echo, warn, workers)
+    except InputError as e:
+        if "another configuration" not in str(e) and "holds another run" not in str(e):
+            raise
+        raise InputError(f"{e}. For the demo: rerun with `cpcluster demo --overwrite`, or delete {out} "
+                         "(`make clean` deletes demo-out)") from None
+
+
+def demo_paths(plan: DemoPlan, root: str) -> list[str]:
+    """The folders a demo run writes under ``root``: fine-tuning, the nine certify runs, aggregation."""
+    return [os.path.join(root, "finetune"), *run_dirs(plan, root), os.path.join(root, "aggregate")]
+
+
+def _stages(plan: DemoPlan, root: str, echo: Callable, warn: Callable, workers: int) -> DemoResult:
+    from cpcluster.jobs.finetune_io import read_metrics
+    from cpcluster.losses import RANDOM_BACKBONE_WARNING
+
     seconds, start = {}, time.perf_counter()
     config = finetune_config(plan, root)
     warn(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net))
     echo(f"\n[1/3] LPIPS fine-tuning of the demo denoiser: {config.steps} steps of {config.batch_size} digits, "
          f"from `demo` (trained with the L2 loss) -> {config.out}/final")
     tic = time.perf_counter()
-    meta = run_finetune(config, echo, overwrite)
+    meta = run_finetune(config, echo)
     seconds["finetune"] = time.perf_counter() - tic
     evals = [r for r in read_metrics(config.out) if r.get("kind") == "eval"]
     for line in eval_lines(evals):
@@ -244,10 +263,7 @@ def run_demo(plan: DemoPlan, out: str, echo: Callable = print, warn: Callable | 
     tic = time.perf_counter()
     for method in METHODS:
         echo(f"\n-- {method[1]}")
-        args = certify_args(plan, root, method, final, workers)
-        if overwrite:
-            args.append("--overwrite")
-        run_certify(args, echo)
+        run_certify(certify_args(plan, root, method, final, workers), echo)
     seconds["certify"] = time.perf_counter() - tic
 
     echo("\n[3/3] aggregation")
