@@ -16,6 +16,7 @@ noise hardly touches this figure, unlike the ratios.
 Each configuration runs in child processes, alternately with and without the glibc allocator setting the certify
 job applies at start (``mallopt``: no mmap for large buffers, no trimming; DESIGN.md section 6).
 
+    .venv/bin/python benchmarks/bench_certify.py --model demo --threads 1 --clock cpu --rounds 4 --pairs 2
     .venv/bin/python benchmarks/bench_certify.py --model demo --threads 2 --rounds 6 --pairs 1
     .venv/bin/python benchmarks/bench_certify.py --model tiny --threads 2 --rounds 6 --pairs 1
     .venv/bin/python benchmarks/bench_certify.py --model unet --threads 2 --rounds 3 --pairs 1 --images 1 --n 700
@@ -126,6 +127,7 @@ def child(args) -> None:
         "cohen": lambda: run_cohen(model, x, args.images, args.n0, args.n, args.batch, 0.5),
     }
     rates = {m: [] for m in METHODS}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with torch.inference_mode():
         for m in METHODS:  # warm-up
             runs[m]()
@@ -133,17 +135,17 @@ def child(args) -> None:
             for m in METHODS[r % 3:] + METHODS[:r % 3]:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0 = clock()
                 runs[m]()
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                rates[m].append(draws / (time.perf_counter() - t0))
-        overhead = engine_overhead_s(x, args.images, args.n0, args.n, args.batch)
+                rates[m].append(draws / (clock() - t0))
+        overhead = engine_overhead_s(x, args.images, args.n0, args.n, args.batch, clock)
     forward = args.batch / statistics.median(rates["bare"])
     print(json.dumps({"desc": desc, "rates": rates, "overhead": overhead / forward}))
 
 
-def engine_overhead_s(x, images, n0, n, batch) -> float:
+def engine_overhead_s(x, images, n0, n, batch, clock=time.perf_counter) -> float:
     """Seconds per forward that the engine spends outside the model: the engine around a model that returns
     zeros at once (noise, seeding, packing, counting, host copies, Python); best of 3."""
     import torch
@@ -154,10 +156,10 @@ def engine_overhead_s(x, images, n0, n, batch) -> float:
 
     best = float("inf")
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = clock()
         forwards = -(-images * (n0 + n) // batch)
         run_engine(Null(), x, images, n0, n, batch, 0.5)
-        best = min(best, (time.perf_counter() - t0) / forwards)
+        best = min(best, (clock() - t0) / forwards)
     return best
 
 
@@ -173,6 +175,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=400)
     ap.add_argument("--malloc", choices=["on", "off", "both"], default="both")
     ap.add_argument("--pairs", type=int, default=2, help="alternating on/off child processes per setting")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, which other processes on a shared machine hardly disturb; use it "
+                         "with --threads 1 (with more threads it also counts threads waiting for each other)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -187,7 +192,7 @@ def main() -> None:
         for s in settings:
             cmd = [sys.executable, __file__, "--child", "--malloc", s] + \
                   [f"--{k}={getattr(args, k)}" for k in ("model", "device", "threads", "rounds", "images", "n0", "n",
-                                                         "batch")]
+                                                         "batch", "clock")]
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
             desc = out["desc"]
             overheads[s].append(out["overhead"])
@@ -196,7 +201,7 @@ def main() -> None:
             for a, b in (("engine", "bare"), ("engine", "cohen"), ("cohen", "bare")):
                 ratios[s][f"{a}/{b}"] += [x / y for x, y in zip(out["rates"][a], out["rates"][b])]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{args.threads}, device {args.device}; {desc}; {args.images} images x (n0 {args.n0} + n {args.n}), "
+          f"{args.threads}, device {args.device}, {args.clock} clock; {desc}; {args.images} images x (n0 {args.n0} + n {args.n}), "
           f"batch {args.batch}; {args.pairs} x {args.rounds} interleaved rounds per setting")
     print("| malloc tuning | bare draws/s | engine draws/s | cohen draws/s | engine/bare | engine/cohen | cohen/bare "
           "| engine overhead / forward |")
