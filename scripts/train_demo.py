@@ -304,6 +304,10 @@ def main(out, check, classifier_epochs, denoiser_steps, finetuned_steps, work):
     with tempfile.TemporaryDirectory(prefix="cpcluster-demo-check-") as tmp:
         record = train_all(recipe, out or tmp, work)
     click.echo(summary(record))
+    for name, digest in record["files"].items():
+        same = digest == shipped_record["files"].get(name)
+        click.echo(f"{name}: {'bit-identical to' if same else 'differs from'} the shipped file "
+                   f"(sha256 {digest[:12]})")
     lines = compare(shipped_record, record)
     click.echo("\n".join(lines))
     bad = sum(line.startswith("FAIL") for line in lines)
