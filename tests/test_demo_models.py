@@ -57,6 +57,9 @@ def test_specs_resolve_to_the_shipped_weights(record):
     assert any(not torch.equal(v, rand[k]) for k, v in den.module.state_dict().items())
     if "denoiser-finetuned.safetensors" in record["files"]:
         assert load_denoiser("demo:finetuned").sha256 == record["files"]["denoiser-finetuned.safetensors"]
+    else:
+        with pytest.raises(InputError, match="ships no longer-trained demo denoiser"):
+            load_denoiser("demo:finetuned")
 
 
 @pytest.mark.parametrize("table, spec, match", [

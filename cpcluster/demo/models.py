@@ -8,7 +8,9 @@ Shipped weights (this folder), made reproducibly by ``scripts/train_demo.py``, w
 * ``denoiser.safetensors`` -- :class:`DemoUNet`, a consistency-parameterised one-step denoiser trained with the L2
   loss at the serving sigmas {0.25, 0.5, 1.0} through the project's fine-tuning job: the purifier *before* LPIPS
   fine-tuning (spec ``--denoiser demo``);
-* ``denoiser-finetuned.safetensors`` -- optional, the same after a longer LPIPS fine-tuning (``demo:finetuned``).
+* ``denoiser-finetuned.safetensors`` -- the same after a longer LPIPS fine-tuning (``demo:finetuned``), only when
+  the recipe has a ``finetuned`` stage. It has none at present: a 5x longer run measured the same as the demo's
+  short one (README.md, "The demo").
 
 ``demo-random`` is the same architecture with a seeded random init, for tests; its metadata says so.
 """
@@ -74,6 +76,10 @@ def _demo_denoiser(argument: str) -> LoadedDenoiser:
     name = {"": "denoiser", "finetuned": "denoiser-finetuned"}.get(argument)
     if name is None:
         raise InputError(f"--denoiser demo:{argument}: use 'demo' or 'demo:finetuned'")
+    if name == "denoiser-finetuned" and not os.path.exists(shipped(name)):
+        raise InputError("--denoiser demo:finetuned: this version ships no longer-trained demo denoiser (the recipe "
+                         "in scripts/train_demo.py has no 'finetuned' stage); fine-tune one with `cpcluster demo` "
+                         "and use --denoiser finetuned:demo-out/finetune/final")
     return demo_denoiser(shipped(name))
 
 
