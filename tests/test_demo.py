@@ -42,6 +42,11 @@ def test_quick_demo_writes_table_png_and_summary(quick):
     meta = json.loads((out / "quick" / "finetune" / "final" / "cpcluster.json").read_text())
     assert meta["base"]["spec"] == "demo" and meta["step"] == QUICK.finetune["steps"]
     assert meta["config"]["lpips_random_backbone"] is True
+    from cpcluster.models.specs import load_denoiser
+
+    before = load_denoiser("demo").module.state_dict()
+    after = load_denoiser(f"finetuned:{final}").module.state_dict()
+    assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
     # the output says loudly that LPIPS used a random trunk, and shows the commands it ran
     assert result.output.count("RANDOMLY INITIALISED") >= 1 and "randomly initialised trunk" in result.output
     assert "$ cpcluster certify --purifier none" in result.output and "$ cpcluster aggregate" in result.output
