@@ -45,7 +45,9 @@ def export_finetuned(folder: str, state: dict, base: LoadedDenoiser, which: str,
     from cpcluster.shards import write_bytes_atomic
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    raw = save_safetensors(tensors, metadata={"format": FORMAT, "weights": which})
+    # One metadata key only: safetensors writes a metadata map in random order, so two keys would make the
+    # bytes (and the sha256 that certify runs record) differ between exports of the same weights.
+    raw = save_safetensors(tensors, metadata={"format": f"{FORMAT}/{which}"})
     meta = {
         "format": FORMAT,
         "version": 1,
