@@ -20,7 +20,7 @@ import torch
 from cpcluster.errors import InputError
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, Purifier
+from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -88,7 +88,7 @@ def ddpm_schedule(denoiser: LoadedDenoiser) -> np.ndarray:
     return alphas_cumprod(denoiser.meta["betas"])
 
 
-class OneStepDDPMPurifier(Purifier):
+class OneStepDDPMPurifier(DenoiserPurifier):
     """``onestep-ddpm``: x0 prediction of a DDPM network at the first timestep whose noise reaches 2 sigma.
 
     ``forward(x_noisy (B, C, H, W) pixel space, generator=None) -> (B, C, H, W) pixel space [0, 1]``.
@@ -110,14 +110,8 @@ class OneStepDDPMPurifier(Purifier):
                              f"use one of {', '.join(PREDICTIONS)}")
         self.label_policy = label_policy
 
-    @property
-    def uses_generator(self) -> bool:
-        """Whether forward draws from the generator (random labels for a class-conditional network)."""
-        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
-
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
-                                          x_noisy.device, generator)
+        labels = self.labels_for(x_noisy, generator)
         x_t = math.sqrt(self.abar_t) * pixel_to_model(x_noisy)
         steps = torch.full((x_noisy.shape[0],), self.t, dtype=torch.int64, device=x_noisy.device)
         out = self.net(x_t, steps, labels).to(x_t.dtype)

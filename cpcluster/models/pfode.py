@@ -34,7 +34,7 @@ from cpcluster.errors import InputError
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models import ddpm as _ddpm  # module import: safe whichever of ddpm / pfode / purifiers loads first
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, Purifier
+from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
 
 EDM_SIGMA_DATA = 0.5
 EDM_C_NOISE = {"edm": C_NOISE["jax"], "jax": C_NOISE["jax"], "openai": C_NOISE["openai"]}
@@ -106,7 +106,7 @@ class DDPMDenoiser(nn.Module):
         return _ddpm.ddpm_x0(self.net(x_t, steps, labels).to(x.dtype), x_t, abar, self.prediction)
 
 
-class PFODEPurifier(Purifier):
+class PFODEPurifier(DenoiserPurifier):
     """``pf-ode``: ``steps`` Heun (or Euler) steps of the probability-flow ODE from ``t_0`` to 0.
 
     ``forward(x_noisy (B, C, H, W) pixel space, generator=None) -> (B, C, H, W) pixel space [0, 1]``.
@@ -145,14 +145,8 @@ class PFODEPurifier(Purifier):
                              "probability-flow ODE; use --purifier consistency")
         self.times = [float(t) for t in times]
 
-    @property
-    def uses_generator(self) -> bool:
-        """Whether forward draws from the generator (random labels for a class-conditional network)."""
-        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
-
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
-                                          x_noisy.device, generator)
+        labels = self.labels_for(x_noisy, generator)
         x = pixel_to_model(x_noisy)
         for t_cur, t_next in zip(self.times[:-1], self.times[1:]):
             d = (x - self.D(x, t_cur, labels)) / t_cur

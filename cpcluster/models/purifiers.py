@@ -60,7 +60,25 @@ class IdentityPurifier(Purifier):
         return x_noisy
 
 
-class ConsistencyPurifier(Purifier):
+class DenoiserPurifier(Purifier):
+    """Base of purifiers driven by a (possibly class-conditional) network ``self.denoiser``.
+
+    Subclasses set ``self.denoiser`` and ``self.label_policy``; :meth:`labels_for` gives the labels the network
+    sees (never the true label), drawn from the batch generator when the policy is random.
+    """
+
+    @property
+    def uses_generator(self) -> bool:
+        """Whether forward draws from the generator (random labels for a class-conditional network)."""
+        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
+
+    def labels_for(self, x_noisy: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B,) int64 labels for a conditional network, None for an unconditional one."""
+        return self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
+                                        x_noisy.device, generator)
+
+
+class ConsistencyPurifier(DenoiserPurifier):
     """``consistency``: one step of the consistency function at ``t_sigma``.
 
     ``x_t = 2 (x + delta) - 1`` (model-space noise 2 sigma), ``y = D(x_t, t_sigma)``, output ``clamp((y + 1) / 2)``.
@@ -88,14 +106,8 @@ class ConsistencyPurifier(Purifier):
                 from None
         self.label_policy = label_policy
 
-    @property
-    def uses_generator(self) -> bool:
-        """Whether forward draws from the generator (random labels for a class-conditional network)."""
-        return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
-
     def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
-                                          x_noisy.device, generator)
+        labels = self.labels_for(x_noisy, generator)
         return model_to_pixel(self.function(pixel_to_model(x_noisy), self.t, labels))
 
     def describe(self) -> dict:
