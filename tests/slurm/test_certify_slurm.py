@@ -130,13 +130,17 @@ def test_requeued_preempted_and_cancelled_shards_end_with_the_counts_of_an_unint
     assert res.exit_code == 0, res.output
     jobs = {r["shard"]: r["job_id"] for r in read_jobs(run_dir)}
     interrupts = {0: ["scontrol", "requeue"], 1: ["scancel", "--batch", "--signal=USR2"], 2: ["scancel"]}
-    for k, command in interrupts.items():  # each while it runs, with units recorded and more to do
-        deadline = time.monotonic() + 120
-        while _units_recorded(run_dir, k, 4) < 2:
-            assert time.monotonic() < deadline, f"shard {k} made no progress"
+    # Interrupt each shard as soon as it has 2 units recorded (of 13), polling all three together: the shards
+    # run in parallel, so waiting on one before looking at the next let a later one finish before its interrupt.
+    pending = dict(interrupts)
+    deadline = time.monotonic() + 120
+    while pending:
+        for k in list(pending):
             assert not os.path.exists(os.path.join(run_dir, shard_name(k, 4))), f"shard {k} finished too early"
-            time.sleep(0.1)
-        subprocess.run([*command, jobs[k]], check=True, capture_output=True)
+            if _units_recorded(run_dir, k, 4) >= 2:
+                subprocess.run([*pending.pop(k), jobs[k]], check=True, capture_output=True)
+        assert time.monotonic() < deadline, f"shards {sorted(pending)} made no progress"
+        time.sleep(0.05)
 
     # the cancelled shard shows as failed (exit code 1); the others carry on
     status = wait_for(run_dir, lambda s: s.shards[2].state == "failed", "the cancelled shard to show as failed",
