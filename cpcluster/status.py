@@ -222,12 +222,26 @@ def shard_files(run_dir: str, index: int, total: int, config_hash: str, held: se
     if state.header.get("config_hash") != config_hash:
         return ShardFiles("bad", locked=locked, detail="journal of another run configuration")
     draws = int(state.units[:, 3].sum())
-    rate = None
-    start = (state.header.get("shard") or {}).get("start_time")
-    if draws and isinstance(start, (int, float)):
-        elapsed = os.path.getmtime(journal) - start
-        rate = draws / elapsed if elapsed > 0 else None
-    return ShardFiles("journal", len(state.units), draws, rate, locked)
+    return ShardFiles("journal", len(state.units), draws, _journal_speed(journal, state, draws), locked)
+
+
+def _journal_speed(journal: str, state, draws: int) -> float | None:
+    """Draws/s of the latest session that wrote ``journal``: its new draws over its start -> the last write.
+
+    The session (start time, draws already recorded) is in the lock file the job writes when it starts; without
+    one (a journal from an older version), the journal header's first start is used.
+    """
+    start, before = (state.header.get("shard") or {}).get("start_time"), 0
+    try:
+        with open(journal + ".lock") as fh:
+            session = json.loads(fh.read())
+        start, before = float(session["start_time"]), int(session["draws_at_start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not isinstance(start, (int, float)) or draws <= before:
+        return None
+    elapsed = os.path.getmtime(journal) - start
+    return (draws - before) / elapsed if elapsed > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------- decision

@@ -5,6 +5,8 @@ available), recomputes the run's plan, and counts every unit of its shard that t
 yet, appending each unit's counts durably as soon as it is complete (:class:`cpcluster.shards.ShardWriter`). At the
 end it writes the HDF5 shard atomically. Killed at any moment and rerun (or requeued by submitit through
 :meth:`CertifyShardJob.checkpoint`), it continues after the last recorded unit; a finished shard is a no-op.
+SIGTERM (``scancel``, ``scontrol requeue``, a node drain) stops the shard right after the unit in progress is
+recorded, with :class:`ShardTerminated` and the journal intact, instead of counting on until SLURM's SIGKILL.
 
 By hand: ``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX`` runs one shard of a prepared run directory.
 """
@@ -41,6 +43,38 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class ShardTerminated(RuntimeError):
+    """SIGTERM arrived while the shard was counting: it stopped after recording the unit in progress."""
+
+
+@contextmanager
+def stop_after_unit_on_sigterm():
+    """Within the block, SIGTERM only sets a flag; yields ``terminated() -> bool``. Restores the old handler.
+
+    submitit itself ignores SIGTERM (it waits for USR2 to checkpoint), so without this a cancelled shard would keep
+    counting through SLURM's KillWait and be killed mid-unit. Outside the main thread (where Python cannot install
+    signal handlers) the flag never rises.
+    """
+    import signal
+    import threading
+
+    received: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def note(signum, frame):
+        if not received:
+            log.warning("SIGTERM received: stopping after the unit in progress is recorded")
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class CertifyShardJob:
@@ -119,7 +153,7 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     info = {"index": index, "total": total, "unit_range": list(run.plan.ranges[index]), "host": socket.gethostname(),
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
             "torch": torch.__version__, "start_time": start}
-    with _shard_lock(_journal_path(url, None)):
+    with _shard_lock(_journal_path(url, None)) as lock:
         if _finished(run, url, index):  # another process finished it while we waited to start
             return url
         first = read_journal(_journal_path(url, None))
@@ -129,6 +163,7 @@ def run_shard(run, models, purifier, index: int, device) -> str:
                              num_classes=run.shard_config["num_classes"])
         try:
             done = writer.done
+            _note_session(lock, draws_at_start=sum(done.values()))
             planned = {tuple(int(v) for v in u[:3]): int(u[3]) for u in units}
             if any(planned.get(k) != v for k, v in done.items()):
                 raise InputError(f"{writer.journal_path}: holds units outside this shard's plan; delete it")
@@ -183,9 +218,32 @@ def _count(run, models, purifier, images, todo, device, writer, index):
             log.info("shard %d: %d/%d draws, %.0f draws/s, ETA %.0f s", index, stats.draws, planned,
                      stats.draws_per_s, eta)
 
-    stats = engine.run(todo, on_unit=writer.append, on_progress=progress)
+    with stop_after_unit_on_sigterm() as terminated:
+        def record(unit, counts):
+            writer.append(unit, counts)
+            if terminated():
+                raise ShardTerminated(f"shard {index}: stopped by SIGTERM after {len(writer.done)} recorded units; "
+                                      "rerun it (cpcluster resubmit RUN_DIR) to continue from its journal")
+
+        stats = engine.run(todo, on_unit=record, on_progress=progress)
     log.info("shard %d: %d draws in %.1f s, %.0f draws/s", index, stats.draws, stats.seconds, stats.draws_per_s)
     return stats
+
+
+def _note_session(lock_file, draws_at_start: int) -> None:
+    """Write this session's start into the held lock file, for ``cpcluster status`` to measure its speed.
+
+    The journal's header keeps the first session's start; after a requeue its draws over that span would count the
+    time spent dead or in the queue, so the status reads the running session's draws and start from here.
+    """
+    import json
+    import os
+
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(json.dumps({"start_time": time.time(), "draws_at_start": int(draws_at_start),
+                                "host": socket.gethostname(), "pid": os.getpid()}))
+    lock_file.flush()
 
 
 @contextmanager
@@ -200,7 +258,7 @@ def _shard_lock(journal_path: str):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise InputError(f"{journal_path}: another process is running this shard right now") from None
-        yield
+        yield fh
     finally:
         fh.close()
     try:
@@ -236,6 +294,9 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 2
+    except ShardTerminated as e:
+        print(f"Stopped: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     return 0
 
 

@@ -33,13 +33,23 @@ def _journal_units(journal):
     return [] if state is None else [tuple(int(v) for v in u) for u in state.units]
 
 
-def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_counts(tmp_path):
-    cfg = _config(tmp_path / "killed")
+def _prepare(run_dir):
+    """(config, shard URL, journal path, planned units) of a prepared one-shard run folder."""
+    cfg = _config(run_dir)
     run = runs.resolve(cfg, runs.load_models(cfg))
     runs.prepare_run_dir(run)
     url = run.shard_url(0)
-    journal = url + ".journal"
-    planned = [tuple(int(v) for v in u) for u in run.plan.shard_units(0)]
+    return cfg, url, url + ".journal", [tuple(int(v) for v in u) for u in run.plan.shard_units(0)]
+
+
+def _uninterrupted(run_dir):
+    """The shard of the same configuration, counted in one go in this process."""
+    cfg = _prepare(run_dir)[0]
+    return read_shard(CertifyShardJob(cfg, 0)())
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_counts(tmp_path):
+    cfg, url, journal, planned = _prepare(tmp_path / "killed")
     rng = random.Random(1234)
     kills, seen = 0, 0
     for round_ in range(KILLS):
@@ -70,11 +80,38 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_counts(tmp
     killed = read_shard(url)
     assert killed.complete and not os.path.exists(journal)
 
-    clean_cfg = _config(tmp_path / "clean")
-    runs.prepare_run_dir(runs.resolve(clean_cfg, runs.load_models(clean_cfg)))
-    clean = read_shard(CertifyShardJob(clean_cfg, 0)())
+    clean = _uninterrupted(tmp_path / "clean")
     assert killed.config_hash == clean.config_hash
     assert [tuple(u) for u in killed.units.tolist()] == planned
     np.testing.assert_array_equal(killed.units, clean.units)
     np.testing.assert_array_equal(killed.counts, clean.counts)
     assert killed.shard["resumed_units"] == seen
+
+
+def test_sigterm_stops_the_shard_after_the_unit_in_progress_and_a_rerun_completes_it(tmp_path):
+    """scancel's SIGTERM: the shard records the unit in progress and exits at once, not after SLURM's KillWait."""
+    cfg, url, journal, planned = _prepare(tmp_path / "terminated")
+    proc = _start(cfg.run_dir)
+    deadline = time.time() + 60
+    while len(_journal_units(journal)) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the shard made no progress"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Stopped: shard 0: stopped by SIGTERM after" in err and "Traceback" not in err
+    units = _journal_units(journal)
+    assert 3 <= len(units) < len(planned) and units == planned[:len(units)]
+    assert f"after {len(units)} recorded units" in err  # it stopped right after recording the last of them
+    assert not os.path.exists(url)
+
+    proc = _start(cfg.run_dir)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    proc.stderr.close()
+    resumed = read_shard(url)
+    assert resumed.shard["resumed_units"] == len(units)
+    clean = _uninterrupted(tmp_path / "clean")
+    np.testing.assert_array_equal(resumed.units, clean.units)
+    np.testing.assert_array_equal(resumed.counts, clean.counts)

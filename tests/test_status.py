@@ -184,6 +184,40 @@ def test_states_from_files_journals_and_locks(run_dir, reference, lock_holder, t
     assert f"cpcluster resubmit {run_dir}" in text
 
 
+def test_speed_of_a_resumed_shard_counts_only_its_current_session(run_dir):
+    """Requeued after an hour in the queue: the speed is the new session's draws over its own time, as written in
+    the lock file by the job, not the journal's draws since the first start."""
+    shard, journal = make_partial(run_dir, 1, units=3, start_time=time.time() - 3600)
+    before = int(shard.units[:1, 3].sum())  # the first session recorded one unit, this one the next two
+    now = time.time()
+    with open(journal + ".lock", "w") as fh:
+        json.dump({"start_time": now - 10, "draws_at_start": before, "host": "n1", "pid": 1}, fh)
+    os.utime(journal, (now, now))
+    (status,) = collect([run_dir], use_slurm=False)
+    row = status.shards[1]
+    assert row.draws_done == int(shard.units[:3, 3].sum())
+    assert row.draws_per_s == pytest.approx((row.draws_done - before) / 10, rel=1e-3)
+    with open(journal + ".lock", "w") as fh:  # a session that has recorded nothing yet has no speed
+        json.dump({"start_time": now - 10, "draws_at_start": row.draws_done}, fh)
+    (status,) = collect([run_dir], use_slurm=False)
+    assert status.shards[1].draws_per_s is None
+
+
+def test_a_running_shard_writes_its_session_into_the_lock_file(tmp_path):
+    """What the status reads: the job's own note of when this session started and what was recorded before."""
+    from cpcluster.jobs.certify import _note_session, _shard_lock
+
+    journal = str(tmp_path / "shard.h5.journal")
+    with _shard_lock(journal) as lock:
+        lock.write("stale text of a killed session")
+        lock.flush()
+        _note_session(lock, draws_at_start=1234)
+        with open(journal + ".lock") as fh:
+            session = json.load(fh)
+    assert session["draws_at_start"] == 1234 and abs(session["start_time"] - time.time()) < 60
+    assert not os.path.exists(journal + ".lock")
+
+
 def read_journal_header(path):
     from cpcluster.shards import read_journal
 
