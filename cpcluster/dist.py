@@ -3,7 +3,8 @@
 :func:`init` finds out how the process was launched, in this order:
 
 1. inside a submitit job (``SUBMITIT_EXECUTOR`` set: SLURM, local or debug executor):
-   ``submitit.helpers.TorchDistributedEnvironment`` exports ``MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK``;
+   ``submitit.helpers.TorchDistributedEnvironment`` exports ``MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK``,
+   the port being :func:`rendezvous_port` of the job id unless ``MASTER_PORT`` is set already;
 2. ``RANK`` and ``WORLD_SIZE`` already in the environment (torchrun and friends);
 3. otherwise a single process.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -34,12 +36,27 @@ class DistInfo:
 
 _INFO: DistInfo | None = None
 
+# Rendezvous ports lie below Linux's default ephemeral range (32768-60999), from which every outgoing connection on
+# the node (srun, slurmstepd, ...) takes its local port. submitit's own choice (20000-60000 from the job id) lands
+# there 70% of the time, and rank 0 then fails with EADDRINUSE while the other ranks wait for it.
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The TCP port rank 0 of job ``job_id`` listens on: the same on every rank and every requeue of the job."""
+    low, high = RENDEZVOUS_PORTS
+    digest = hashlib.sha256(str(job_id).encode()).digest()
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
 
 def _launch_env() -> tuple[str, int, int, int, int]:
     """(source, rank, world_size, local_rank, local_world_size) from submitit, the environment, or neither."""
     if os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(rendezvous_port(JobEnvironment().job_id))
         env = TorchDistributedEnvironment()
         if env.world_size > 1:
             env.export(set_cuda_visible_devices=False, overwrite=True)

@@ -9,11 +9,14 @@ limit, GPUs, CPUs, memory, constraint, array throttle, extra ``#SBATCH`` options
   the cluster's ``MaxArraySize`` (:func:`cluster_max_array_size`, :func:`split_array`) -- submitit alone does not
   split, and ``sbatch`` refuses an oversized array. A refused ``sbatch`` (unknown partition, account, QOS
   limit...) becomes an :class:`~cpcluster.errors.InputError` carrying SLURM's own message in one line;
-* :func:`render_sbatch` returns the sbatch scripts :func:`submit_array` would submit, without a cluster
-  (``--dry-run``); they are produced by submitit's own code, so they are the same text byte for byte;
+* :func:`cpcluster.slurm_dryrun.render_sbatch` returns the sbatch scripts :func:`submit_array` would submit,
+  without a cluster (``--dry-run``); they are produced by submitit's own code, so they are the same text;
 * :func:`record_jobs` / :func:`read_jobs` keep the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
   commands (``status``, ``resubmit``) find them; they live in :mod:`cpcluster.slurm_jobs` with the job-state
   queries (``squeue``/``sacct``) and are re-exported here.
+
+Jobs of several tasks (multi-node fine-tuning) run under ``srun --kill-on-bad-exit=1``: a rank that fails ends the
+job, instead of leaving its peers in a collective until the time limit.
 
 Preemption and time limits: submitit asks SLURM to send ``USR2`` ``signal_delay_s`` seconds before the end; its
 handler calls the job's ``checkpoint()`` and requeues it, at most ``max_num_timeout`` times. An outside
@@ -197,6 +200,9 @@ def executor_parameters(options: SlurmOptions) -> dict:
         "slurm_signal_delay_s": options.signal_delay_s,
         "slurm_additional_parameters": dict(options.extra) or None,
         "slurm_setup": [*(FORWARD_USR2_SETUP if options.forward_usr2 else ()), *options.setup] or None,
+        # a rank that dies takes the others with it, instead of leaving them in a collective until its timeout
+        "slurm_srun_args": ["--kill-on-bad-exit=1"] if (options.nodes or 1) * (options.tasks_per_node or 1) > 1
+        else None,
     }
     return {k: v for k, v in params.items() if v is not None}
 
@@ -352,63 +358,8 @@ def submit_array(executor, callables: Sequence, max_array_size: int | None = Non
     return jobs
 
 
-# ------------------------------------------------------------------------------------------------- dry run
-def _offline_auto_executor(folder, options: SlurmOptions):
-    """An AutoExecutor on SLURM's submitit backend that never needs ``srun``: for rendering scripts only."""
-    from submitit.auto.auto import AutoExecutor
-    from submitit.core import plugins
-    from submitit.core.core import Executor
-    from submitit.slurm.slurm import SlurmExecutor
-
-    class _OfflineSlurmExecutor(SlurmExecutor):
-        @classmethod
-        def affinity(cls) -> int:
-            return 2
-
-    class _OfflineAutoExecutor(AutoExecutor):
-        def __init__(self):  # AutoExecutor.__init__ with the offline backend in place of the detected one
-            self.cluster = "slurm"
-            init = {k[len("slurm_"):]: v for k, v in _executor_init_kwargs(options, "slurm").items()}
-            self._executor = _OfflineSlurmExecutor(folder, **init)
-            valid = self._valid_parameters()
-            self._deprecated_args = {arg: f"{name}_{arg}" for name, ex in plugins.get_executors().items()
-                                     for arg in ex._valid_parameters() if arg not in valid}
-            Executor.__init__(self, self._executor.folder, self._executor.parameters)
-
-    executor = _OfflineAutoExecutor()
-    _update(executor, options)
-    return executor
-
-
-def render_sbatch(options: SlurmOptions, n_tasks: int, folder, max_array_size: int | None = None) -> list[str]:
-    """The sbatch scripts that ``submit_array(make_executor(folder, options), <n_tasks callables>)`` submits.
-
-    One script per array (see :func:`split_array`); a single task gives a plain job script. Needs no cluster:
-    ``max_array_size`` defaults to :func:`cluster_max_array_size` (1001 without SLURM). The text comes from
-    submitit's own script writer, so it is what would be submitted (``folder`` is made absolute first).
-    """
-    executor = _offline_auto_executor(folder, options)
-    backend = executor._executor
-    if max_array_size is None:
-        max_array_size = cluster_max_array_size()
-    scripts = []
-    chunks = split_array(n_tasks, max_array_size)
-    for chunk in chunks:
-        params = dict(backend.parameters)
-        if "array_parallelism" in params:
-            params["array_parallelism"] = _per_array_parallelism(params["array_parallelism"], len(chunks))
-        if len(chunk) > 1:
-            params["map_count"] = len(chunk)  # what SlurmExecutor sets on its array copy
-        saved, backend.parameters = backend.parameters, params
-        try:
-            scripts.append(backend._make_submission_file_text(backend._submitit_command_str, "dry-run"))
-        finally:
-            backend.parameters = saved
-    return scripts
-
-
 __all__ = [
     "DEFAULT_MAX_ARRAY_SIZE", "FORWARD_USR2_SETUP", "JOBS_FILE", "SlurmOptions", "cluster_max_array_size",
     "executor_parameters", "make_executor", "parse_max_array_size", "parse_sbatch_options", "read_jobs",
-    "record_jobs", "render_sbatch", "slurm_reachable", "split_array", "submit_array",
+    "record_jobs", "slurm_reachable", "split_array", "submit_array",
 ]

@@ -78,7 +78,8 @@ def _two_rank_worker(marker: str) -> dict:
         total = dist.all_reduce_sum(torch.tensor([float(dist.rank() + 1)]))
         gathered = dist.all_gather_object(("rank", dist.rank()))
         dist.barrier()
-        return {"info": info, "saw_marker": order[0], "sum": total.item(), "gathered": gathered}
+        return {"info": info, "saw_marker": order[0], "sum": total.item(), "gathered": gathered,
+                "port": int(os.environ["MASTER_PORT"])}
     finally:
         dist.shutdown()
 
@@ -100,3 +101,11 @@ def test_two_gloo_ranks_through_submitit(tmp_path):
         assert r["saw_marker"] is True  # main_first: rank 1 entered after rank 0 finished
         assert r["sum"] == 3.0
         assert r["gathered"] == [("rank", 0), ("rank", 1)]
+        assert r["port"] == dist.rendezvous_port(job.job_id)  # both ranks, from the job id
+
+
+def test_rendezvous_ports_stay_below_the_ephemeral_range_and_depend_on_the_job_only():
+    ports = [dist.rendezvous_port(f"{job}_{task}") for job in range(1000, 1200) for task in range(5)]
+    assert all(20000 <= p <= 32767 for p in ports)  # Linux's ephemeral ports start at 32768
+    assert len(set(ports)) > 900  # spread out: two jobs on one node rarely pick the same port
+    assert dist.rendezvous_port("1234_5") == dist.rendezvous_port("1234_5")

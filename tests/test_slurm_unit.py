@@ -17,7 +17,8 @@ from cpcluster import slurm
 from cpcluster.errors import InputError
 from cpcluster.slurm import (FORWARD_USR2_SETUP, SlurmOptions, cluster_max_array_size, executor_parameters,
                              make_executor, parse_max_array_size, parse_sbatch_options, read_jobs, record_jobs,
-                             render_sbatch, split_array, submit_array)
+                             split_array, submit_array)
+from cpcluster.slurm_dryrun import render_sbatch
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sbatch-array-split.txt")
 SEPARATOR = "\n##### next sbatch script #####\n"
@@ -134,6 +135,14 @@ def test_rendered_scripts_match_golden_file():
             fh.write(text)
     with open(GOLDEN) as fh:
         assert text == fh.read(), "sbatch script changed; rerun with CPCLUSTER_UPDATE_GOLDEN=1 if intended"
+
+
+@pytest.mark.parametrize("nodes, tasks, kills", [(2, 1, True), (1, 2, True), (1, 1, False), (None, None, False)])
+def test_multi_task_jobs_end_when_one_task_fails(nodes, tasks, kills):
+    (script,) = render_sbatch(SlurmOptions(nodes=nodes, tasks_per_node=tasks, python="python3"), 1, "/runs/x/%j",
+                              max_array_size=5)
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert ("--kill-on-bad-exit=1" in srun) == kills, srun
 
 
 @pytest.mark.parametrize("n, max_size, parallelism", [(12, 5, 16), (3, 1001, 2), (7, 3, 2), (1, 5, None)])

@@ -161,9 +161,9 @@ def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
 
 
 def _print_sbatch(resolved, slurm: dict) -> None:
-    """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.slurm.render_sbatch)."""
+    """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.slurm_dryrun.render_sbatch)."""
     from cpcluster import runs
-    from cpcluster.slurm import render_sbatch
+    from cpcluster.slurm_dryrun import render_sbatch
 
     options = slurm_options(resolved, slurm)
     for run in resolved:

@@ -27,27 +27,41 @@ def write_task(out: str, index: int) -> int:
 
 
 def ddp_probe(out: str) -> dict:
-    """Two-node gloo job: each rank reports where it runs and the all_reduce of ``rank + 1`` over all ranks."""
+    """Two-node gloo job through cpcluster.dist: each rank reports where it runs, the rendezvous it used and the
+    all_reduce of ``rank + 1`` over all ranks."""
     import torch
-    import torch.distributed as dist
+    import torch.distributed as tdist
+
+    from cpcluster import dist
 
     torch.set_num_threads(1)
-    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    dist.init_process_group(backend="gloo", init_method="env://", world_size=env.world_size, rank=env.rank)
+    info = dist.init("cpu")
     try:
-        value = torch.tensor([float(env.rank + 1)])
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        gathered = [None] * env.world_size
-        dist.all_gather_object(gathered, os.environ.get("SLURMD_NODENAME"))
+        value = dist.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
+        gathered = dist.all_gather_object(os.environ.get("SLURMD_NODENAME"))
+        backend = tdist.get_backend()
     finally:
-        dist.destroy_process_group()
+        dist.shutdown()
     record = {
-        "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
-        "master_addr": env.master_addr, "node": os.environ.get("SLURMD_NODENAME"),
-        "hostname": socket.gethostname(), "all_reduce_sum": value.item(), "nodes_seen": gathered,
+        "rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank, "backend": backend,
+        "master_addr": os.environ["MASTER_ADDR"], "master_port": int(os.environ["MASTER_PORT"]),
+        "node": os.environ.get("SLURMD_NODENAME"), "hostname": socket.gethostname(),
+        "all_reduce_sum": value.item(), "nodes_seen": gathered,
     }
-    _write_json(os.path.join(out, f"rank-{env.rank}.json"), record)
+    _write_json(os.path.join(out, f"rank-{info.rank}.json"), record)
     return record
+
+
+def rank_one_dies(out: str) -> None:
+    """Two-node job in which rank 1 raises right after the rendezvous while rank 0 works on for 10 minutes."""
+    from cpcluster import dist
+
+    info = dist.init("cpu")
+    if info.rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    _write_json(os.path.join(out, "rank-0-working.json"), {"pid": os.getpid()})
+    time.sleep(600)
+    _write_json(os.path.join(out, "rank-0-done.json"), {})
 
 
 class StepJob(submitit.helpers.Checkpointable):

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 import slurm_probes
+from cpcluster.dist import rendezvous_port
 from cpcluster.slurm import SlurmOptions, make_executor, submit_array
 
 pytestmark = pytest.mark.slurm
@@ -28,6 +29,21 @@ def test_two_node_gloo_all_reduce(tmp_path, logs):
     assert [r["rank"] for r in results] == [0, 1] and results == reports
     assert {r["node"] for r in reports} == {"n1", "n2"}  # really on both slurmd nodes
     assert all(r["world_size"] == 2 and r["master_addr"] == reports[0]["node"] for r in reports)
+    assert all(r["backend"] == "gloo" and r["master_port"] == rendezvous_port(job.job_id) for r in reports)
     assert [r["all_reduce_sum"] for r in reports] == [3.0, 3.0]  # (0 + 1) + (1 + 1)
     assert all(r["nodes_seen"] == [reports[0]["node"], reports[1]["node"]] for r in reports)
 
+
+
+def test_a_rank_that_dies_ends_the_job_instead_of_leaving_the_others_waiting(tmp_path, logs):
+    """srun --kill-on-bad-exit: rank 1 raises, and rank 0 is killed at once rather than at the 5-minute limit."""
+    if _node_count() < 2:
+        pytest.skip("needs a cluster with 2 nodes (make test-slurm starts NODES=2)")
+    out = tmp_path / "out"
+    out.mkdir()
+    ex = make_executor(logs, SlurmOptions(nodes=2, tasks_per_node=1, time_min=5, job_name="cpc-test-dies"))
+    (job,) = submit_array(ex, [functools.partial(slurm_probes.rank_one_dies, str(out))])
+    with pytest.raises(Exception, match="rank 1 fails on purpose|has not produced any output"):
+        job.results()
+    assert (out / "rank-0-working.json").exists() and not (out / "rank-0-done.json").exists()
+    assert job.state == "FAILED"  # not TIMEOUT: nothing waited for the time limit
