@@ -245,18 +245,15 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
 
 
 def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
-    from tqdm import tqdm
-
     from cpcluster import runs
+    from cpcluster.progress import advance_to, progress_bar
     from cpcluster.submit import run_debug, run_local
 
     shards = [(run, k) for run in resolved for k in range(run.plan.num_shards)]
-    bar = tqdm(total=sum(run.plan.total_draws for run in resolved), unit="draw", unit_scale=True,
-               desc="certify", mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(sum(run.plan.total_draws for run in resolved), unit="draw", desc="certify")
 
     def poll():
-        bar.n = sum(runs.shard_draws_done(run, k) for run, k in shards)
-        bar.refresh()
+        advance_to(bar, sum(runs.shard_draws_done(run, k) for run, k in shards))
 
     try:
         if kind == "local":

@@ -131,10 +131,9 @@ def run_finetune(config, echo: Callable) -> dict:
     submitit's local executor, built by :func:`cpcluster.slurm.make_executor` as ``cpcluster finetune`` does.
     The bar follows the checkpoints the job writes.
     """
-    from tqdm import tqdm
-
     from cpcluster.jobs.finetune import FinetuneJob, preflight
     from cpcluster.jobs.finetune_io import list_checkpoints
+    from cpcluster.progress import advance_to, progress_bar
     from cpcluster.slurm import SlurmOptions, make_executor
 
     meta = finetune_done(config)
@@ -145,13 +144,12 @@ def run_finetune(config, echo: Callable) -> dict:
     folder = os.path.join(config.out, "submitit")
     options = SlurmOptions(nodes=1, tasks_per_node=config.ranks_per_node, job_name="cpcluster-demo-finetune")
     job = make_executor(folder, options, "local").submit(FinetuneJob(config))
-    bar = tqdm(total=config.steps, unit="step", desc="fine-tune", mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(config.steps, unit="step", desc="fine-tune")
     try:
         while True:
             done = job.done()
             found = list_checkpoints(config.out)
-            bar.n = found[0][0] if found else 0
-            bar.refresh()
+            advance_to(bar, found[0][0] if found else 0)
             if done:
                 break
             time.sleep(0.5)
