@@ -220,3 +220,16 @@ def test_slurm_submission_gets_one_array_per_run_and_records_job_ids(tmp_path, m
         assert options.partition == "gpu" and options.gpus_per_node == 1 and options.array_parallelism == 2
     records = read_jobs(os.path.join(out, "certify-consistency-sigma0.5"))
     assert [(r["job_id"], r["shard"], r["sigma"]) for r in records] == [(f"102_{k}", k, 0.5) for k in range(3)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["certify", "--shards", "abc"], "Error: Invalid value for '--shards': 'abc' is not a valid integer. "
+                                     "(see 'cpcluster certify --help')"),
+    (["certify", "--bogus"], "Error: No such option '--bogus'"),
+    (["certfy"], "Error: No such command 'certfy'. (see 'cpcluster --help')"),
+    (["aggregate"], "Error: Missing argument 'PATHS...'. (see 'cpcluster aggregate --help')"),
+])
+def test_click_usage_errors_are_one_line_with_the_help_to_read(args, message):
+    res = CliRunner().invoke(main, args, prog_name="cpcluster")
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and res.output.startswith(message), res.output

@@ -30,6 +30,14 @@ class UsageFailure(click.ClickException):
     exit_code = 2
 
 
+class OneLineUsageError(click.UsageError):
+    """Click's usage errors (a bad option value, an unknown option or command) as one line, exit code 2."""
+
+    def show(self, file=None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", file=file or click.get_text_stream("stderr"))
+
+
 def _available(name: str) -> bool:
     module = COMMANDS[name].split(":")[0]
     return importlib.util.find_spec(module) is not None
@@ -50,6 +58,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except InputError as e:
             raise UsageFailure(str(e)) from None
+        except click.UsageError as e:
+            if isinstance(e, OneLineUsageError):
+                raise
+            raise OneLineUsageError(e.format_message(), e.ctx) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
