@@ -39,6 +39,7 @@ from cpcluster.errors import InputError
 STATES = ("complete", "running", "pending", "partial", "failed", "missing")
 RESUBMITTABLE = frozenset({"failed", "missing", "partial"})  # nothing works on them and they are unfinished
 UNKNOWN_GRACE_S = 120.0
+LOCK_HELD = "lock held on this machine"
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
                                                          and job.reason not in ("", "0:0") else "")
     unconfirmed = f"job {jid}; SLURM not reachable" if record is not None and not queried else ""
     if files.locked:
-        return "running", "lock held on this machine"
+        return "running", LOCK_HELD
     if files.kind == "journal":
         return "partial", unconfirmed or "stopped; resubmit continues it"
     if record is not None and not queried:
@@ -342,6 +343,20 @@ def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[
                                     slurm_state=job.state if job else None, detail=detail))
         out.append(RunStatus(run_dir, record["config_hash"], config.sigma, tuple(rows), slurm))
     return out
+
+
+def busy_shards(run_dir: str) -> list:
+    """The :class:`ShardStatus` of each shard of ``run_dir``'s run that a live job works on or will: SLURM says its
+    job runs or waits (or it was submitted moments ago), or a process on this machine holds its lock.
+
+    Without an answer from SLURM only the local locks count. ``[]`` when the folder holds no readable run record.
+    """
+    try:
+        (status,) = collect([run_dir])
+    except InputError:
+        return []
+    return [s for s in status.shards if s.state in ("running", "pending")
+            and (status.slurm == "reachable" and s.job_id is not None or s.detail == LOCK_HELD)]
 
 
 def resubmittable(status: RunStatus) -> list[int]:

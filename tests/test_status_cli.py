@@ -2,12 +2,12 @@
 scripts) and ``cpcluster aggregate`` on an unfinished run, without a cluster (fake squeue, fake submission)."""
 import json
 import os
-import shutil
 import sys
 
 import pytest
 from click.testing import CliRunner
-from test_status import NAME, SHARDS, SMALL, SlurmJob, fake_slurm, make_partial, record, shard_path  # noqa: F401
+from test_status import (SHARDS, SMALL, SlurmJob, fake_slurm, lock_holder, make_partial,  # noqa: F401 (fixtures)
+                         record, reference, run_dir, shard_path)
 
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
@@ -18,21 +18,6 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "certify-dry-run-sbat
 
 def cli(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    res = cli("certify", *SMALL, "--sigma", "0.5", "--shards", str(SHARDS), "--executor", "debug", "--out", str(out))
-    assert res.exit_code == 0, res.output
-    return str(out / NAME)
-
-
-@pytest.fixture
-def run_dir(reference, tmp_path):
-    path = str(tmp_path / NAME)
-    shutil.copytree(reference, path)
-    return path
 
 
 def merged(run_dir):
@@ -192,3 +177,27 @@ def test_aggregate_says_what_is_missing_from_an_unfinished_run(run_dir, tmp_path
     assert f"unfinished certify run, none of its {SHARDS} shard files is written yet" in res.output
     assert f"cpcluster status {run_dir}" in res.output
 
+
+
+def test_overwrite_is_refused_while_jobs_of_the_old_run_still_run_or_wait(run_dir, fake_slurm, lock_holder):
+    out = os.path.dirname(run_dir)
+    for k in (1, 2):
+        make_partial(run_dir, k, units=1)
+    replace = ["certify", *SMALL, "--sigma", "0.5", "--shards", str(SHARDS), "--seed", "7", "--overwrite",
+               "--executor", "debug", "--out", out]
+    record(run_dir, [1, 2])
+    before = {n: os.path.getmtime(os.path.join(run_dir, n)) for n in os.listdir(run_dir)}
+    fake_slurm.answer("squeue", "500_1|RUNNING|None\n500_2|PENDING|Priority\n")
+    res = CliRunner().invoke(main, replace)
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert f"--overwrite {run_dir}: shard(s) 1, 2 of the run it holds are still running or queued; cancel them " \
+           "(scancel 500_1 500_2) first" in res.output
+    assert {n: os.path.getmtime(os.path.join(run_dir, n)) for n in os.listdir(run_dir)} == before  # untouched
+
+    # SLURM says they ended, but a process on this machine still holds shard 3's lock
+    fake_slurm.answer("squeue", "500_1|COMPLETED|None\n500_2|COMPLETED|None\n")
+    os.remove(shard_path(run_dir, 3))
+    lock_holder(shard_path(run_dir, 3) + ".journal.lock")
+    res = CliRunner().invoke(main, replace)
+    assert res.exit_code == 2 and "shard(s) 3 of the run it holds are still running or queued; stop that run" \
+        in res.output, res.output

@@ -140,8 +140,21 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
         return
     for run in resolved:
         runs.check_writable(run.config.run_dir)
-        runs.check_run_dir(run, overwrite)
+        if runs.check_run_dir(run, overwrite) == "overwrite":
+            refuse_while_jobs_work(run.config.run_dir)
     execute(resolved, kind, reason, overwrite=overwrite, workers=workers, slurm=slurm)
+
+
+def refuse_while_jobs_work(run_dir: str) -> None:
+    """InputError when jobs of the run being replaced still run or wait: they would write into the new run."""
+    from cpcluster.status import busy_shards
+
+    busy = busy_shards(run_dir)
+    if busy:
+        ids = sorted({s.job_id for s in busy if s.job_id})
+        stop = f"cancel them (scancel {' '.join(ids)})" if ids else "stop that run"
+        raise InputError(f"--overwrite {run_dir}: shard(s) {', '.join(str(s.index) for s in busy)} of the run it "
+                         f"holds are still running or queued; {stop} first, or wait for them to end")
 
 
 def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
