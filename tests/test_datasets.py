@@ -312,3 +312,15 @@ def test_inert_unpickler_round_trips_numeric_arrays(protocol):
                 pickle.dumps(print, protocol=protocol)):
         with pytest.raises(pickle.UnpicklingError):
             safe_load(bad)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cifar10:/data?split=val", "--dataset cifar10:/data?split=val: split='val'; use one of test, train"),
+    ("npz:{tmp}/x.npz?layout=hwc", "layout='hwc'; use one of auto, nchw, nhwc"),
+    ("folder:/data?mode=CMYK", "mode='CMYK'; use one of RGB, L"),
+])
+def test_an_option_outside_its_choices_is_named_with_the_choices(spec, message, tmp_path):
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 3, 4, 4), np.uint8), y=np.array([0, 1]))
+    with pytest.raises(InputError) as e:
+        load_dataset(spec.format(tmp=tmp_path))
+    assert message in str(e.value)

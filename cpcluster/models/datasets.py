@@ -27,7 +27,7 @@ from cpcluster.errors import InputError
 from cpcluster.models.loaded import ImageDataset
 from cpcluster.models.safepickle import safe_load
 from cpcluster.models.specs import register
-from cpcluster.models.transforms import parse_int, split_options
+from cpcluster.models.transforms import parse_choice, parse_int, split_options
 from cpcluster.models.weights import read_bytes
 from cpcluster.shards import exists, join_url
 
@@ -112,9 +112,7 @@ def _cifar_layout(root: str, split: str) -> tuple[list[str], str]:
 def _cifar10(argument: str) -> ImageDataset:
     what = f"--dataset cifar10:{argument}"
     root, options = split_options(argument, what, ("split",))
-    split = options.get("split", "test")
-    if split not in ("test", "train"):
-        raise InputError(f"{what}: split={split!r}; use test or train")
+    split = parse_choice(options, "split", ("test", "train"), what)
     files, layout = _cifar_layout(root.rstrip("/"), split)
     xs, ys = [], []
     for url in files:
@@ -176,9 +174,7 @@ def _generic_npz(argument: str) -> ImageDataset:
     x, y = z[xk], z[yk].reshape(-1)
     if x.ndim == 3:
         x = x[:, None]
-    layout = options.get("layout", "auto")
-    if layout not in ("auto", "nchw", "nhwc"):
-        raise InputError(f"{what}: layout={layout!r}; use nchw or nhwc")
+    layout = parse_choice(options, "layout", ("auto", "nchw", "nhwc"), what)
     if x.ndim == 4 and (layout == "nhwc" or (layout == "auto" and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3))):
         x = x.transpose(0, 3, 1, 2)
     if y.size and not np.issubdtype(y.dtype, np.integer):
@@ -199,9 +195,7 @@ def _image_folder(argument: str) -> ImageDataset:
 
     what = f"--dataset folder:{argument}"
     url, options = split_options(argument, what, ("mode",))
-    mode = options.get("mode", "RGB")
-    if mode not in ("RGB", "L"):
-        raise InputError(f"{what}: mode={mode!r}; use RGB or L")
+    mode = parse_choice(options, "mode", ("RGB", "L"), what)
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):
         raise InputError(f"{what}: {url} is not a folder")

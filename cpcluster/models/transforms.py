@@ -52,6 +52,14 @@ def split_options(argument: str, what: str, allowed) -> tuple[str, dict[str, str
     return body, options
 
 
+def parse_choice(options: dict, key: str, choices: tuple, what: str) -> str:
+    """``options[key]`` if it is one of ``choices`` (default: the first of them), else an InputError naming both."""
+    value = options.get(key, choices[0])
+    if value not in choices:
+        raise InputError(f"{what}: {key}={value!r}; use one of {', '.join(choices)}")
+    return value
+
+
 def parse_int(value, what: str, key: str, minimum: int = 1) -> int:
     try:
         number = int(str(value))
@@ -97,13 +105,9 @@ def transform_from_options(options: dict, what: str, default_norm=(None, None), 
             raise InputError(f"{what}: resize={options['resize']!r}: use S or HxW")
         dims = [parse_int(p, what, "resize") for p in parts]
         size = dims * 2 if len(dims) == 1 else dims
-    interp = options.get("interp", "bilinear")
-    if interp not in INTERPOLATIONS:
-        raise InputError(f"{what}: interp={interp!r}: use one of {', '.join(INTERPOLATIONS)}")
+    interp = parse_choice(options, "interp", INTERPOLATIONS, what)
     antialias = parse_bool(options.get("antialias", "1"), what, "antialias") and interp in ("bilinear", "bicubic")
-    quantize = options.get("quantize", "none")
-    if quantize not in ("uint8", "none"):
-        raise InputError(f"{what}: quantize={quantize!r}: use uint8 or none")
+    quantize = parse_choice(options, "quantize", ("none", "uint8"), what)
     mean, std, source = *default_norm, default_source
     if "mean" in options:
         source = "spec"
