@@ -115,3 +115,25 @@ def test_sigterm_stops_the_shard_after_the_unit_in_progress_and_a_rerun_complete
     clean = _uninterrupted(tmp_path / "clean")
     np.testing.assert_array_equal(resumed.units, clean.units)
     np.testing.assert_array_equal(resumed.counts, clean.counts)
+
+
+def test_sigterm_to_a_debug_run_is_one_error_line_and_the_same_command_resumes(tmp_path):
+    args = [os.path.join(os.path.dirname(sys.executable), "cpcluster"), "certify", "--denoiser", "demo-random", "--classifier",
+            "demo-random", "--max-images", "4", "--n0", "20", "--n", "450", "--block-size", "50", "--draw-batch",
+            "10", "--batch", "50", "--sigma", "0.5", "--shards", "1", "--executor", "debug", "--out", str(tmp_path)]
+    journal = tmp_path / "certify-consistency-sigma0.5" / "shard-00000-of-00001.h5.journal"
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(_journal_units(str(journal))) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == ("Error: stopped by SIGTERM; recorded units are kept: rerun the same "
+                                             "command to resume")
+    done = len(_journal_units(str(journal)))
+    res = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert read_shard(str(journal)[:-len(".journal")]).shard["resumed_units"] == done

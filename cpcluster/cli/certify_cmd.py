@@ -259,6 +259,7 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
 
 def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
     from cpcluster import runs
+    from cpcluster.jobs.certify import ShardTerminated
     from cpcluster.progress import advance_to, progress_bar
     from cpcluster.submit import run_debug, run_local
 
@@ -274,8 +275,9 @@ def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
         else:
             run_debug(tasks, poll=poll)
         poll()
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; recorded units are kept: rerun the same command to resume")
+    except (KeyboardInterrupt, ShardTerminated) as e:
+        how = "stopped by SIGTERM" if isinstance(e, ShardTerminated) else "interrupted"
+        raise click.ClickException(f"{how}; recorded units are kept: rerun the same command to resume") from None
     finally:
         bar.close()
 
