@@ -15,8 +15,8 @@ from cpcluster.errors import InputError
 from cpcluster.shards import ShardWriter, read_shard, shard_name
 from cpcluster.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
                                   record_jobs)
-from cpcluster.status import (RESUBMITTABLE, STATES, ShardFiles, collect, decide, format_duration, format_status,
-                              load_run, resubmittable)
+from cpcluster.status import RESUBMITTABLE, STATES, ShardFiles, collect, decide, load_run, resubmittable
+from cpcluster.status_report import format_duration, format_status
 
 SMALL = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "5", "--n0", "20",
          "--n", "200", "--block-size", "100", "--draw-batch", "20", "--batch", "100", "--device", "cpu"]

@@ -35,7 +35,8 @@ def status(run_dirs, all_shards, no_slurm, as_json):
       cpcluster status results/certify-consistency-sigma0.5
       cpcluster status results/*/ --no-slurm --json
     """
-    from cpcluster.status import collect, format_status
+    from cpcluster.status import collect
+    from cpcluster.status_report import format_status
 
     runs = collect(list(run_dirs), use_slurm=not no_slurm)
     for i, run in enumerate(runs):
