@@ -1,11 +1,14 @@
-"""Dataset specs -> :class:`ImageDataset` (uint8 (N, C, H, W) in memory), from local paths or fsspec URLs.
+"""Dataset specs -> :class:`ImageDataset` (uint8 (N, C, H, W), in memory or mapped), from local paths or fsspec URLs.
 
 * ``cifar10:DIR[?split=test|train]`` -- ``DIR`` is ``cifar-10-batches-bin`` (``test_batch.bin``: records of 1 label
   byte + 3072 CHW pixel bytes) or ``cifar-10-batches-py`` (``test_batch``: a pickled dict, read by
   :mod:`cpcluster.models.safepickle`, never ``pickle.load``), or a folder holding one of them. ``train`` reads
   ``data_batch_1`` .. ``data_batch_5``.
-* ``imagenet64:FILE_OR_DIR`` -- downsampled ImageNet (Chrabaszcz et al. 2017) ``val_data.npz``: ``data`` (N, 3 S^2)
-  uint8 with the R, G, B planes in order, ``labels`` 1..1000 (converted to 0..999). Any side S (8, 16, 32, 64).
+* ``imagenet64:DIR[?split=val|train]`` or ``imagenet64:FILE.npz`` -- downsampled ImageNet (Chrabaszcz et al. 2017),
+  the npz release: ``data`` (N, 3 S^2) uint8 with the R, G, B planes in order, ``labels`` 1..1000 (converted to
+  0..999); any side S (8, 16, 32, 64). ``val`` is ``val_data.npz``; ``train`` is every ``train_data_batch_K.npz``
+  of the folder, in K order, as one dataset. Local files are memory-mapped (:mod:`.lazy_arrays`), so the 15.7 GB
+  training set of ImageNet-64 costs no memory beyond the rows a job reads.
 * ``npz:FILE[?x=KEY&y=KEY&layout=nchw|nhwc&num_classes=K]`` -- images (N, C, H, W), (N, H, W, C) or (N, H, W) as
   uint8, or float in [0, 1] (kept as float32); integer labels in [0, K) (K defaults to max label + 1).
 * ``folder:DIR[?mode=RGB|L]`` -- one subfolder per class (sorted names are classes 0, 1, ...), PNG/JPEG/BMP/WebP
@@ -16,28 +19,29 @@ the demo dataset. Every malformed input is an :class:`InputError` naming the fil
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import zipfile
 
+import fsspec
 import numpy as np
 
 from cpcluster.errors import InputError
+from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, sha256_rows
 from cpcluster.models.loaded import ImageDataset
 from cpcluster.models.safepickle import safe_load
 from cpcluster.models.specs import register
 from cpcluster.models.transforms import parse_choice, parse_int, split_options
 from cpcluster.models.weights import read_bytes
-from cpcluster.shards import exists, join_url
+from cpcluster.shards import exists, is_local, join_url
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
 def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 hex of ``images`` (C order) bytes + ``labels`` as little-endian int64 bytes."""
-    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    """sha256 hex of ``images`` (C order) bytes + ``labels`` as little-endian int64 bytes (images read in chunks)."""
+    h = sha256_rows(images)
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()
 
@@ -55,12 +59,13 @@ def make_dataset(name: str, images: np.ndarray, labels: np.ndarray, num_classes:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise InputError(f"{where}: labels out of range [0, {num_classes}): min {labels.min()}, max {labels.max()}")
     if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
+        if isinstance(images, RowConcat) or not np.issubdtype(images.dtype, np.floating):
             raise InputError(f"{where}: images must be uint8 or float in [0, 1], got {images.dtype}")
         images = images.astype(np.float32)
         if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise InputError(f"{where}: float images must lie in [0, 1]")
-    images = np.ascontiguousarray(images)
+    if not isinstance(images, (RowConcat, np.memmap)):
+        images = np.ascontiguousarray(images)
     return ImageDataset(name, images, labels, int(num_classes), fingerprint(images, labels))
 
 
@@ -129,8 +134,6 @@ def _cifar10(argument: str) -> ImageDataset:
 
 def _npz(url: str, what: str) -> dict:
     """Every array of an .npz file (streamed from the file object: no second in-memory copy of the file)."""
-    import fsspec
-
     try:
         with fsspec.open(url, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -143,23 +146,68 @@ def _npz(url: str, what: str) -> dict:
 @register("dataset", "imagenet64")
 def _imagenet64(argument: str) -> ImageDataset:
     what = f"--dataset imagenet64:{argument}"
-    url, _ = split_options(argument, what, ())
-    if not url.endswith(".npz"):
-        url = join_url(url, "val_data.npz")
-    z = _npz(url, "downsampled ImageNet file")
-    missing = [k for k in ("data", "labels") if k not in z]
-    if missing:
-        raise InputError(f"downsampled ImageNet file {url}: missing key(s) {missing} (has {sorted(z)})")
-    data, labels = z["data"], np.asarray(z["labels"]).reshape(-1)
+    url, options = split_options(argument, what, ("split",))
+    if url.endswith(".npz"):
+        if options:
+            raise InputError(f"{what}: split= selects files in a folder; give the folder, or this file alone")
+        stem = url.rstrip("/").rsplit("/", 1)[-1][:-len(".npz")]
+        files, name = [url], "val" if stem == "val_data" else stem
+    else:
+        name = parse_choice(options, "split", ("val", "train"), what)
+        files = [join_url(url, "val_data.npz")] if name == "val" else _imagenet_train_files(url, what)
+    parts = [_imagenet_file(f) for f in files]
+    sides = sorted({images.shape[-1] for images, _ in parts})
+    if len(sides) > 1:
+        raise InputError(f"{what}: the files hold images of different sizes {sides}")
+    images = parts[0][0] if len(parts) == 1 else RowConcat([images for images, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts])
+    return make_dataset(f"imagenet{sides[0]}-{name}", images, labels, 1000, f"downsampled ImageNet {url}")
+
+
+def _imagenet_train_files(url: str, what: str) -> list[str]:
+    """``train_data_batch_1.npz`` .. ``train_data_batch_K.npz`` of the folder ``url``, in batch order."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        raise InputError(f"{what}: no such folder") from None
+    numbered = sorted((int(n[len("train_data_batch_"):-4]), n) for n in names
+                      if n.startswith("train_data_batch_") and n.endswith(".npz") and n[17:-4].isdigit())
+    if not numbered:
+        raise InputError(f"{what}: no train_data_batch_K.npz files there (the npz release of downsampled ImageNet)")
+    return [join_url(url, n) for _, n in numbered]
+
+
+def _imagenet_file(url: str) -> tuple:
+    """``(images (N, 3, S, S) uint8, labels (N,) int64 0-based)`` of one downsampled-ImageNet ``.npz`` file.
+
+    Local files written by ``np.savez`` (the official ones) are memory-mapped, not read; others are read.
+    """
+    where = f"downsampled ImageNet file {url}"
+    data = labels = None
+    if is_local(url):
+        path = fsspec.core.url_to_fs(url)[1]
+        try:
+            data = npz_member_memmap(path, "data")
+            if data is not None:
+                with np.load(path, allow_pickle=False) as z:
+                    labels = z["labels"] if "labels" in z.files else None
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+            data = None  # read below, which names the problem
+    if data is None or labels is None:
+        z = _npz(url, "downsampled ImageNet file")
+        missing = [k for k in ("data", "labels") if k not in z]
+        if missing:
+            raise InputError(f"{where}: missing key(s) {missing} (has {sorted(z)})")
+        data, labels = z["data"], z["labels"]
+    labels = np.asarray(labels).reshape(-1)
     side = int(round((data.shape[-1] / 3) ** 0.5)) if data.ndim == 2 else 0
     if data.dtype != np.uint8 or data.ndim != 2 or 3 * side * side != data.shape[1]:
-        raise InputError(f"downsampled ImageNet file {url}: 'data' must be uint8 (N, 3*S*S), got {data.dtype} "
-                         f"{data.shape}")
-    if labels.size and (labels.min() < 1 or labels.max() > 1000):
-        raise InputError(f"downsampled ImageNet file {url}: labels must be 1..1000 (1-based), got "
+        raise InputError(f"{where}: 'data' must be uint8 (N, 3*S*S), got {data.dtype} {data.shape}")
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 1 or labels.max() > 1000):
+        raise InputError(f"{where}: labels must be integers 1..1000 (1-based), got {labels.dtype} "
                          f"{labels.min()}..{labels.max()}")
-    return make_dataset(f"imagenet{side}-val", data.reshape(-1, 3, side, side), labels.astype(np.int64) - 1, 1000,
-                        f"downsampled ImageNet file {url}")
+    return data.reshape(-1, 3, side, side), labels.astype(np.int64) - 1
 
 
 @register("dataset", "npz")
@@ -190,7 +238,6 @@ def _generic_npz(argument: str) -> ImageDataset:
 
 @register("dataset", "folder")
 def _image_folder(argument: str) -> ImageDataset:
-    import fsspec
     from PIL import Image, UnidentifiedImageError
 
     what = f"--dataset folder:{argument}"
