@@ -101,6 +101,28 @@ def test_pipeline_layout_bin_weights_and_learned_sigma(tmp_path):
     assert all(p.dtype == torch.float32 for p in den16.module.parameters())
 
 
+def test_sharded_weights_load_whole_and_every_shard_counts_in_the_sha(tmp_path):
+    folder = tmp_path / "sharded"
+    save_unet(str(folder), scheduler=CM_SCHEDULER, max_shard_size="60KB")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    assert len(shards) > 2 and not (folder / "diffusion_pytorch_model.safetensors").exists()
+    den = load_denoiser(f"diffusers:{folder}")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(den.module(x, torch.ones(2), None), unet_module(str(folder))(x, torch.ones(2)).sample)
+    expected = hashlib.sha256("".join(f"{n}:{sha(folder / n)}\n" for n in shards).encode()).hexdigest()
+    assert den.sha256 == expected
+
+    (folder / shards[1]).unlink()
+    with pytest.raises(InputError, match=shards[1]) as e:
+        load_denoiser(f"diffusers:{folder}")
+    assert "\n" not in str(e.value)
+    index.write_text(json.dumps({"weight_map": {"conv_in.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(InputError, match="file names in the same folder"):
+        load_denoiser(f"diffusers:{folder}")
+
+
 def test_ddpm_folder_schedules(tmp_path):
     from diffusers import DDPMScheduler
 

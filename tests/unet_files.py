@@ -16,7 +16,7 @@ DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "
 
 
 def save_unet(folder: str, seed: int = 0, scheduler: dict | None = None, cpcluster: dict | None = None,
-              safe: bool = True, variant: str | None = None, **config) -> str:
+              safe: bool = True, variant: str | None = None, max_shard_size: str | None = None, **config) -> str:
     """Write a UNet2DModel folder (config.json + weights [+ scheduler_config.json] [+ cpcluster.json])."""
     from diffusers import UNet2DModel
 
@@ -27,7 +27,8 @@ def save_unet(folder: str, seed: int = 0, scheduler: dict | None = None, cpclust
             p.add_(0.02 * torch.randn_like(p))
     if variant == "fp16":
         unet = unet.half()
-    unet.save_pretrained(folder, safe_serialization=safe, variant=variant)
+    unet.save_pretrained(folder, safe_serialization=safe, variant=variant,
+                         **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if scheduler is not None:
         with open(os.path.join(folder, "scheduler_config.json"), "w") as fh:
             json.dump(scheduler, fh)

@@ -1,7 +1,8 @@
 """diffusers ``UNet2DModel`` folders, loaded offline, and the network metadata the purifiers need.
 
 Layouts: ``DIR/config.json`` + ``DIR/diffusion_pytorch_model.safetensors`` (or ``.bin``, read with
-``weights_only=True``; or the ``.fp16`` variants, cast to float32), optionally ``DIR/scheduler_config.json``; or a
+``weights_only=True``; or the ``.fp16`` variants, cast to float32; or shards listed by
+``diffusion_pytorch_model.safetensors.index.json``), optionally ``DIR/scheduler_config.json``; or a
 pipeline folder ``DIR/unet/...`` + ``DIR/scheduler/scheduler_config.json`` (the layout of
 ``openai/diffusers-cd_imagenet64_lpips``). The architecture is built from ``config.json`` on the meta device and
 the weights are assigned to it (no second copy in memory, no hub access).
@@ -29,7 +30,7 @@ from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_DATA, SIGMA_MAX, SI
 from cpcluster.models.ddpm import PREDICTIONS, alphas_cumprod, ddpm_betas
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.transforms import parse_bool, parse_float, parse_int
-from cpcluster.models.weights import load_state_dict, read_bytes
+from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_bytes
 from cpcluster.shards import exists, join_url
 
 KINDS = ("consistency", "edm", "ddpm")
@@ -38,6 +39,7 @@ META_KEYS = ("kind", "c_noise", "grid_steps", "num_classes", "prediction", "prec
              *SCHEDULE_KEYS)
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")  # fp16: cast to fp32
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
 
 
 def merge_meta(*layers: dict) -> dict:
@@ -180,9 +182,11 @@ def load_unet_folder(path: str, options: dict, what: str) -> LoadedDenoiser:
     if config is None:
         raise InputError(f"{what}: no config.json in {root} (nor in {root}/unet); expected a diffusers UNet2DModel "
                          "folder saved with save_pretrained")
-    weights = next((join_url(unet_dir, n) for n in WEIGHT_NAMES if exists(join_url(unet_dir, n))), None)
+    weights = next((join_url(unet_dir, n) for n in (*WEIGHT_NAMES, *INDEX_NAMES) if exists(join_url(unet_dir, n))),
+                   None)
     if weights is None:
-        raise InputError(f"{what}: no {WEIGHT_NAMES[0]} (or .bin / .fp16 variant) in {unet_dir}")
+        raise InputError(f"{what}: no {WEIGHT_NAMES[0]} (or .bin / .fp16 variant, or a sharded "
+                         f"{INDEX_NAMES[0]}) in {unet_dir}")
     layers, sources = [], []
     for url in sched_urls:
         cfg = _json(url, what)
@@ -206,7 +210,8 @@ def load_unet_folder(path: str, options: dict, what: str) -> LoadedDenoiser:
     raw["num_classes"] = n_cls
     raw["meta_source"] = sources or ["defaults"]
     meta = normalize_meta(raw, what)
-    state, digest = load_state_dict(weights, what)
+    load = load_sharded_state_dict if weights.endswith(".index.json") else load_state_dict
+    state, digest = load(weights, what)
     unet = _build_unet(config, state, weights, what).eval().requires_grad_(False)
     meta["in_channels"] = int(config.get("in_channels", 3))
     meta["sample_size"] = config.get("sample_size")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import fsspec
 import torch
@@ -52,6 +53,35 @@ def load_state_dict(url: str, what: str = "checkpoint") -> tuple[dict, str]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{what} {url}: does not hold a state_dict of tensors")
     return obj, digest
+
+
+def load_sharded_state_dict(index_url: str, what: str = "checkpoint") -> tuple[dict, str]:
+    """``(state_dict, sha256)`` of weights split over several files by a ``*.index.json`` (``save_pretrained`` with
+    ``max_shard_size``): its ``weight_map`` maps each tensor name to a file in the index's folder.
+
+    The sha256 is that of the lines ``<file name>:<sha256 of the file>``, one per file in name order, so it changes
+    whenever any shard does. Every file is read with :func:`load_state_dict`; a tensor the map lists but no file
+    holds, or a file name that leaves the folder, is an :class:`InputError` naming the index.
+    """
+    try:
+        weight_map = json.loads(read_bytes(index_url, what))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{what} {index_url}: not a weight index (JSON with a weight_map)") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+            for v in weight_map.values()):
+        raise InputError(f"{what} {index_url}: weight_map must map tensor names to file names in the same folder")
+    folder = index_url.rsplit("/", 1)[0]
+    state, digest = {}, hashlib.sha256()
+    for name in sorted(set(weight_map.values())):
+        part, part_digest = load_state_dict(f"{folder}/{name}", what)
+        digest.update(f"{name}:{part_digest}\n".encode())
+        state.update(part)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise InputError(f"{what} {index_url}: {len(missing)} tensor(s) of its weight_map are in none of its files "
+                         f"(first: {missing[0]})")
+    return state, digest.hexdigest()
 
 
 def apply_state_dict(module: torch.nn.Module, state: dict, url: str, what: str = "checkpoint") -> None:
