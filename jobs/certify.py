@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
+from cpcluster.signals import Terminated, stop_on_sigterm
 
 log = logging.getLogger("cpcluster.certify")
 LOG_EVERY_S = 30.0
@@ -45,36 +46,8 @@ def tune_allocator() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-class ShardTerminated(RuntimeError):
+class ShardTerminated(Terminated):
     """SIGTERM arrived while the shard was counting: it stopped after recording the unit in progress."""
-
-
-@contextmanager
-def stop_after_unit_on_sigterm():
-    """Within the block, SIGTERM only sets a flag; yields ``terminated() -> bool``. Restores the old handler.
-
-    submitit itself ignores SIGTERM (it waits for USR2 to checkpoint), so without this a cancelled shard would keep
-    counting through SLURM's KillWait and be killed mid-unit. Outside the main thread (where Python cannot install
-    signal handlers) the flag never rises.
-    """
-    import signal
-    import threading
-
-    received: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def note(signum, frame):
-        if not received:
-            log.warning("SIGTERM received: stopping after the unit in progress is recorded")
-        received.append(signum)
-
-    previous = signal.signal(signal.SIGTERM, note)
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class CertifyShardJob:
@@ -218,7 +191,7 @@ def _count(run, models, purifier, images, todo, device, writer, index):
             log.info("shard %d: %d/%d draws, %.0f draws/s, ETA %.0f s", index, stats.draws, planned,
                      stats.draws_per_s, eta)
 
-    with stop_after_unit_on_sigterm() as terminated:
+    with stop_on_sigterm("after the unit in progress is recorded") as terminated:
         def record(unit, counts):
             writer.append(unit, counts)
             if terminated():

@@ -15,7 +15,9 @@ loss is a per-image mean, 2 ranks x B/2 follow the same trajectory as 1 rank x B
 models with BatchNorm would break this, DDP does not synchronise batch statistics).
 
 Resumption. Rank 0 checkpoints every ``checkpoint_every`` steps and at the end (``jobs/finetune_io.py``); a
-rerun or a requeue (``checkpoint()`` resubmits the same config) starts from the newest checkpoint on disk.
+rerun or a requeue (``checkpoint()`` resubmits the same config) starts from the newest checkpoint on disk. On
+SIGTERM (``scancel``, ``scontrol requeue``) every rank stops at the next log step, rank 0 checkpoints that step,
+and the job raises :class:`FinetuneTerminated`: nothing since the last periodic checkpoint is lost.
 """
 from __future__ import annotations
 
@@ -35,9 +37,15 @@ from cpcluster.jobs.finetune_eval import NOISE_STREAM, TRAIN_STREAM, Evaluator, 
 from cpcluster.jobs.finetune_io import (check_run_record, load_latest, remove_temporaries, save_checkpoint,
                                         write_metrics, write_run_record)
 from cpcluster.shards import config_hash, join_url
+from cpcluster.signals import Terminated, stop_on_sigterm
 
 # Test hook (fault injection): SIGKILL this process right after step N, on rank CPCLUSTER_FAULT_KILL_RANK (0).
 FAULT_KILL_ENV = "CPCLUSTER_FAULT_KILL_AFTER_STEP"
+FAULT_TERM_ENV = "CPCLUSTER_FAULT_TERM_AFTER_STEP"  # the same with SIGTERM
+
+
+class FinetuneTerminated(Terminated):
+    """SIGTERM arrived: every rank stopped at the same step, after rank 0 wrote a checkpoint of it."""
 
 
 class FinetuneJob:
@@ -147,9 +155,13 @@ def digest(module) -> str:
 
 
 def _fault_injection(step: int, rank: int) -> None:
-    """Test hook: SIGKILL (no clean-up, like an OOM kill or a node loss) after ``step`` when the env asks for it."""
-    if os.environ.get(FAULT_KILL_ENV) == str(step) and rank == int(os.environ.get("CPCLUSTER_FAULT_KILL_RANK", 0)):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hooks, after ``step`` on rank ``CPCLUSTER_FAULT_KILL_RANK`` (0) when the env asks: SIGKILL (no clean-up,
+    like an OOM kill or a node loss), or SIGTERM (like ``scancel``)."""
+    if rank != int(os.environ.get("CPCLUSTER_FAULT_KILL_RANK", 0)):
+        return
+    for env, sig in ((FAULT_KILL_ENV, signal.SIGKILL), (FAULT_TERM_ENV, signal.SIGTERM)):
+        if os.environ.get(env) == str(step):
+            os.kill(os.getpid(), sig)
 
 
 def run(config: FinetuneConfig) -> dict:
@@ -242,50 +254,61 @@ def run(config: FinetuneConfig) -> dict:
 
     if start == 0 and state is None:
         evaluate(0)
-    window, speeds = torch.zeros(2, dtype=torch.float64, device=device), []  # (sum of losses, steps) since last log
+    # (sum of losses, steps) since the last log, and a SIGTERM flag
+    window, speeds = torch.zeros(3, dtype=torch.float64, device=device), []
     clock, paused = time.perf_counter(), 0.0
-    for step in range(start, cfg.steps):
-        k = step + 1
-        idx = global_batch(cfg.seed, step, n_train, cfg.batch_size)[lo:hi]
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, NOISE_STREAM, step))
-        z = torch.randn(shape, generator=gen)[lo:hi]
-        choice = torch.randint(len(cfg.sigmas), (cfg.batch_size,), generator=gen)[lo:hi]
-        labels = policy.labels(cfg.batch_size, num_classes, "cpu", gen)
-        labels = None if labels is None else labels[lo:hi].to(device)
-        torch.manual_seed(derive_seed(cfg.seed, 3, step, info.rank))  # dropout, if the network has any
-        x0 = pixel_to_model(torch.from_numpy(train_set.get(idx)[0])).to(device)
-        s = sig[choice].to(device).view(-1, 1, 1, 1)
-        x_t = x0 + 2.0 * s * z.to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            loss = loss_fn(model(x_t, tim[choice].to(device), labels), x0).float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), net.parameters()):
-                    e.lerp_(p, 1.0 - cfg.ema_decay)
-                for e, b in zip(ema.buffers(), net.buffers()):
-                    e.copy_(b)
-        window[0] += loss.detach().double()
-        window[1] += 1
-        if k % cfg.log_every == 0 or k == cfg.steps:
-            sums = dist.all_reduce_sum(window.clone())
-            speed = float(sums[1]) / info.world_size * cfg.batch_size / (time.perf_counter() - clock - paused)
-            speeds.append(speed)
-            log.append({"kind": "train", "step": k, "loss": float(sums[0] / sums[1]), "attempt": attempt,
-                        "grad_norm": float(grad_norm), "samples_per_s": speed})
-            dist.print0(f"[finetune] step {k}/{cfg.steps} loss {log[-1]['loss']:.5f} {speed:.1f} samples/s")
-            window.zero_()
-            clock, paused = time.perf_counter(), 0.0
-        tic = time.perf_counter()
-        if cfg.eval_every and k % cfg.eval_every == 0 or k == cfg.steps:
-            evaluate(k)
-        if k % cfg.checkpoint_every == 0 or k == cfg.steps:
-            save(k)
-        paused += time.perf_counter() - tic  # evaluation and checkpoints do not count as training time
-        _fault_injection(k, info.rank)
+    stop = False
+    with stop_on_sigterm(f"at the next log step (every {cfg.log_every}) after writing a checkpoint") as terminated:
+        for step in range(start, cfg.steps):
+            k = step + 1
+            idx = global_batch(cfg.seed, step, n_train, cfg.batch_size)[lo:hi]
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, NOISE_STREAM, step))
+            z = torch.randn(shape, generator=gen)[lo:hi]
+            choice = torch.randint(len(cfg.sigmas), (cfg.batch_size,), generator=gen)[lo:hi]
+            labels = policy.labels(cfg.batch_size, num_classes, "cpu", gen)
+            labels = None if labels is None else labels[lo:hi].to(device)
+            torch.manual_seed(derive_seed(cfg.seed, 3, step, info.rank))  # dropout, if the network has any
+            x0 = pixel_to_model(torch.from_numpy(train_set.get(idx)[0])).to(device)
+            s = sig[choice].to(device).view(-1, 1, 1, 1)
+            x_t = x0 + 2.0 * s * z.to(device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                loss = loss_fn(model(x_t, tim[choice].to(device), labels), x0).float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), net.parameters()):
+                        e.lerp_(p, 1.0 - cfg.ema_decay)
+                    for e, b in zip(ema.buffers(), net.buffers()):
+                        e.copy_(b)
+            window[0] += loss.detach().double()
+            window[1] += 1
+            if k % cfg.log_every == 0 or k == cfg.steps:
+                window[2] = float(terminated())  # a SIGTERM on any rank stops every rank at this same step
+                sums = dist.all_reduce_sum(window.clone())
+                stop = bool(sums[2] > 0) and k < cfg.steps
+                speed = float(sums[1]) / info.world_size * cfg.batch_size / (time.perf_counter() - clock - paused)
+                speeds.append(speed)
+                log.append({"kind": "train", "step": k, "loss": float(sums[0] / sums[1]), "attempt": attempt,
+                            "grad_norm": float(grad_norm), "samples_per_s": speed})
+                dist.print0(f"[finetune] step {k}/{cfg.steps} loss {log[-1]['loss']:.5f} {speed:.1f} samples/s")
+                window.zero_()
+                clock, paused = time.perf_counter(), 0.0
+            tic = time.perf_counter()
+            if cfg.eval_every and k % cfg.eval_every == 0 or k == cfg.steps:
+                evaluate(k)
+            if k % cfg.checkpoint_every == 0 or k == cfg.steps:
+                save(k)
+            paused += time.perf_counter() - tic  # evaluation and checkpoints do not count as training time
+            if stop:
+                if k % cfg.checkpoint_every:
+                    save(k)
+                dist.barrier()  # rank 0's checkpoint is on disk before any rank exits
+                raise FinetuneTerminated(f"stopped by SIGTERM after step {k} of {cfg.steps}, checkpoint written; "
+                                         "rerun the same command (or let SLURM requeue it) to continue")
+            _fault_injection(k, info.rank)
 
     final = join_url(cfg.out, "final")
     if dist.is_main():

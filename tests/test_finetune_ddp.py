@@ -1,7 +1,7 @@
-"""Fine-tuning across processes: 2 gloo ranks through submitit's LocalExecutor, and SIGKILL + rerun.
+"""Fine-tuning across processes: 2 gloo ranks through submitit's LocalExecutor, SIGKILL + rerun, SIGTERM + rerun.
 
 One uninterrupted single-rank run (module fixture) is the reference for both: the 2-rank run with the same global
-batch must follow it, and so must a run that was killed and resumed.
+batch must follow it, and so must a run that was killed or terminated and resumed.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 
 from cpcluster.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
-from cpcluster.jobs.finetune import FAULT_KILL_ENV, FinetuneJob
+from cpcluster.jobs.finetune import FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneJob
 
 torch.set_num_threads(1)
 STEPS = 16
@@ -77,14 +77,16 @@ def test_two_ranks_match_one_rank_and_each_other(tmp_path, reference):
     assert "2 rank(s) on cpu (gloo)" in (tmp_path / "logs" / f"{job.job_id}_0_log.out").read_text()
 
 
+SCRIPT = ("import json, sys; from cpcluster.config import FinetuneConfig; from cpcluster.jobs.finetune import "
+          "FinetuneJob; FinetuneJob(FinetuneConfig(**json.loads(sys.argv[1])))()")
+
+
 def test_sigkill_then_rerun_resumes_without_repeating_steps(tmp_path, reference):
     _, ref_result, ref = reference
     out = tmp_path / "killed"
     cfg = config(out)
-    script = ("import json, sys; from cpcluster.config import FinetuneConfig; from cpcluster.jobs.finetune import "
-              "FinetuneJob; FinetuneJob(FinetuneConfig(**json.loads(sys.argv[1])))()")
     env = {**os.environ, FAULT_KILL_ENV: "8"}  # dies after step 8; the last checkpoint holds step 6
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cfg.to_dict())], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [6, 3]
@@ -104,3 +106,38 @@ def test_sigkill_then_rerun_resumes_without_repeating_steps(tmp_path, reference)
     assert result["param_sha256"] == ref_result["param_sha256"]  # same weights as the uninterrupted run, bit for bit
     assert max_difference(resumed["ema"], ref["ema"]) == 0.0
     assert [r["loss"] for r in trains] == [r["loss"] for r in ref["log"] if r["kind"] == "train"]
+
+
+def test_sigterm_checkpoints_the_step_it_stops_at_and_the_rerun_matches(tmp_path, reference):
+    """scancel's SIGTERM after step 7: the job stops after step 8 (the next log step, log_every 1) with a checkpoint
+    of step 8 that the periodic schedule (every 3) would not have written, and the rerun loses nothing."""
+    _, ref_result, _ = reference
+    out = tmp_path / "terminated"
+    cfg = config(out)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())],
+                          env={**os.environ, FAULT_TERM_ENV: "7"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "FinetuneTerminated: stopped by SIGTERM after step 8 of 16" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [8, 6]
+    result = FinetuneJob(cfg)()
+    assert (result["start_step"], result["attempt"]) == (8, 2)
+    assert result["param_sha256"] == ref_result["param_sha256"]
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path, reference, monkeypatch):
+    import submitit
+
+    _, _, ref = reference
+    out = tmp_path / "two-terminated"
+    monkeypatch.setenv(FAULT_TERM_ENV, "4")
+    monkeypatch.setenv("CPCLUSTER_FAULT_KILL_RANK", "1")  # only rank 1 is signalled
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
+    executor.update_parameters(tasks_per_node=2, timeout_min=5)
+    job = executor.submit(FinetuneJob(config(out, ranks_per_node=2)))
+    with pytest.raises(Exception, match="stopped by SIGTERM after step 5 of 16"):
+        job.results()
+    assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [5, 3]  # rank 0 wrote step 5 before exiting
+    monkeypatch.delenv(FAULT_TERM_ENV)
+    job = executor.submit(FinetuneJob(config(out, ranks_per_node=2)))
+    assert [(r["start_step"], r["step"]) for r in job.results()] == [(5, STEPS), (5, STEPS)]
+    assert max_difference(final_state(str(out))["net"], ref["net"]) < TOLERANCE
