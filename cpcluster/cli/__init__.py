@@ -21,6 +21,7 @@ COMMANDS = {
     "status": "cpcluster.cli.status_cmd:status",
     "resubmit": "cpcluster.cli.status_cmd:resubmit",
     "demo": "cpcluster.cli.demo_cmd:demo",
+    "convert": "cpcluster.cli.convert_cmd:convert",
 }
 
 

@@ -40,6 +40,11 @@ def shipped(name: str, folder: str | None = None) -> str:
     return os.path.join(folder or HERE, WEIGHT_FILES[name])
 
 
+def demo_architecture(num_classes: int | None) -> dict:
+    """The ``demo-unet`` architecture record of a :class:`DemoUNet` with default size (see models.archs)."""
+    return {"name": "demo-unet", "config": {"channels": 1, "width": 32, "num_classes": num_classes}}
+
+
 def _weights(module: torch.nn.Module, path: str) -> str:
     if not os.path.exists(path):
         raise InputError(f"demo weights {path} are missing; run `python scripts/train_demo.py` to build them")
@@ -52,7 +57,8 @@ def demo_denoiser(path: str) -> LoadedDenoiser:
     """A :class:`DemoUNet` consistency denoiser (model space [-1, 1]) with the weights of ``path``, eval mode."""
     net = DemoUNet()
     digest = _weights(net, path)
-    return LoadedDenoiser(net.eval(), "consistency", dict(DENOISER_META), sha256=digest)
+    return LoadedDenoiser(net.eval(), "consistency", dict(DENOISER_META), sha256=digest,
+                          architecture=demo_architecture(None))
 
 
 def demo_classifier(path: str) -> LoadedClassifier:
@@ -88,7 +94,7 @@ def _demo_random_denoiser(argument: str) -> LoadedDenoiser:
     conditional = argument == "conditional"
     net = _random(DemoUNet(num_classes=10 if conditional else None), seed=1)
     meta = {**DENOISER_META, "num_classes": 10 if conditional else None, "random_init": True}
-    return LoadedDenoiser(net.eval(), "consistency", meta)
+    return LoadedDenoiser(net.eval(), "consistency", meta, architecture=demo_architecture(meta["num_classes"]))
 
 
 @register("classifier", "demo")

@@ -23,6 +23,9 @@ class LoadedDenoiser:
     meta : ``c_noise`` ("openai" | "jax"), ``grid_steps`` (Karras N the model was trained on), ``num_classes``
            (None for unconditional networks), ``betas`` (DDPM schedule, list) ...
     spec, sha256 : the spec string and the sha256 of the weights file (None for random init), for the run config.
+    architecture : ``{"name": NAME, "config": {...}}`` when ``module`` is an architecture of
+           :mod:`cpcluster.models.archs` built from that config (its state_dict then makes a self-contained network
+           folder); None for modules only their own code can rebuild (``python:`` factories, TorchScript).
     """
 
     module: nn.Module
@@ -30,6 +33,7 @@ class LoadedDenoiser:
     meta: dict = field(default_factory=dict)
     spec: str = ""
     sha256: str | None = None
+    architecture: dict | None = None
 
     def describe(self) -> dict:
         return {"spec": self.spec, "sha256": self.sha256, "kind": self.kind,

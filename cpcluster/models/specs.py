@@ -33,7 +33,8 @@ def _ensure_adapters() -> None:
     import cpcluster.demo.models  # noqa: F401
     import importlib.util
 
-    for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned"):
+    for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned",
+                 "cpcluster.models.netfolder"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
 

@@ -20,17 +20,16 @@ Metadata layers, later ones override earlier ones:
 """
 from __future__ import annotations
 
-import json
-
-import torch
 from torch import nn
 
 from cpcluster.errors import InputError
+from cpcluster.models.archs import assign_state, build_architecture
+from cpcluster.models.archs.diffusers_unet import DiffusersUNet  # noqa: F401  (re-exported for benchmarks)
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from cpcluster.models.ddpm import PREDICTIONS, alphas_cumprod, ddpm_betas
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.transforms import parse_bool, parse_float, parse_int
-from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_bytes
+from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_json_object
 from cpcluster.shards import exists, join_url
 
 KINDS = ("consistency", "edm", "ddpm")
@@ -127,48 +126,16 @@ def scheduler_meta(cfg: dict, url: str) -> dict:
 
 
 def _json(url: str, what: str) -> dict | None:
-    if not exists(url):
-        return None
-    try:
-        value = json.loads(read_bytes(url, what).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{what} {url}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{what} {url}: expected a JSON object")
-    return value
-
-
-class DiffusersUNet(nn.Module):
-    """``module(x, time_input, class_labels)`` around a ``UNet2DModel`` (first C channels of a 2C output)."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, time_input: torch.Tensor, class_labels: torch.Tensor | None = None):
-        out = self.unet(x, time_input, class_labels=class_labels, return_dict=False)[0]
-        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+    return read_json_object(url, what) if exists(url) else None
 
 
 def _build_unet(config: dict, state: dict, url: str, what: str) -> nn.Module:
-    from diffusers import UNet2DModel
-
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise InputError(f"{what}: {url} describes a {config['_class_name']}; only UNet2DModel folders are supported")
+    module = build_architecture("diffusers-unet2d", config, what, meta_device=True)
     try:
-        with torch.device("meta"):
-            unet = UNet2DModel.from_config(config)
-    except Exception as e:  # diffusers raises several types for a bad config
-        raise InputError(f"{what}: {url} is not a valid UNet2DModel config ({type(e).__name__}: {e})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        unet.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).splitlines()[:3])[:300]
-        raise InputError(f"{what}: weights {url} do not fit its config.json ({first})") from None
-    if any(t.is_meta for t in (*unet.parameters(), *unet.buffers())):
-        raise InputError(f"{what}: {url}: some tensors of the architecture are not in the weights file")
-    return unet
+        assign_state(module, {"unet." + k: v for k, v in state.items()}, f"{what}: {url}")
+    except InputError as e:
+        raise InputError(str(e).replace("the architecture", "its config.json")) from None
+    return module
 
 
 def load_unet_folder(path: str, options: dict, what: str) -> LoadedDenoiser:
@@ -212,7 +179,8 @@ def load_unet_folder(path: str, options: dict, what: str) -> LoadedDenoiser:
     meta = normalize_meta(raw, what)
     load = load_sharded_state_dict if weights.endswith(".index.json") else load_state_dict
     state, digest = load(weights, what)
-    unet = _build_unet(config, state, weights, what).eval().requires_grad_(False)
+    module = _build_unet(config, state, weights, what).eval().requires_grad_(False)
     meta["in_channels"] = int(config.get("in_channels", 3))
     meta["sample_size"] = config.get("sample_size")
-    return LoadedDenoiser(DiffusersUNet(unet).eval(), meta.pop("kind"), meta, sha256=digest)
+    return LoadedDenoiser(module, meta.pop("kind"), meta, sha256=digest,
+                          architecture={"name": "diffusers-unet2d", "config": config})

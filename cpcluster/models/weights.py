@@ -24,6 +24,40 @@ def sha256_bytes(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def sha256_file(url: str, what: str, chunk: int = 2**24) -> str:
+    """sha256 of a file read in chunks (a multi-GB checkpoint is not held in memory for it)."""
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    except FileNotFoundError:
+        raise InputError(f"{what} {url}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} {url}: cannot read ({e})") from None
+    return digest.hexdigest()
+
+
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def read_json_object(url: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """The JSON object in ``url`` (metadata, configs): at most ``max_bytes``, UTF-8, an object at the top level.
+
+    Anything else (too large, not JSON, too deeply nested, a list) is one :class:`InputError` naming the file.
+    """
+    raw = read_bytes(url, what)
+    if len(raw) > max_bytes:
+        raise InputError(f"{what} {url}: {len(raw)} bytes is too large for a metadata file (limit {max_bytes})")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"{what} {url}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} {url}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def load_state_dict(url: str, what: str = "checkpoint") -> tuple[dict, str]:
     """``(state_dict, sha256)`` of a ``.safetensors`` file or a torch file loadable with ``weights_only=True``.
 

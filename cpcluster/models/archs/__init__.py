@@ -1,0 +1,72 @@
+"""Network architectures that cpcluster builds from a recorded name and configuration.
+
+A network folder (:mod:`cpcluster.models.netfolder`) and a fine-tuning export record an architecture *name* and
+its JSON *config*; loading builds the module with the builder registered here and assigns the weights. Only the
+architectures listed in :data:`ARCHITECTURES` can be built: a file chooses one of them by name, never code.
+
+Every builder module has ``build(config: dict, what: str) -> nn.Module``. The module's forward is
+``module(x, time_input, class_labels)`` in model space [-1, 1]: ``x`` (B, C, H, W), ``time_input`` (B,) float (the
+network's own time convention, see ``LoadedDenoiser.meta``), ``class_labels`` (B,) int64 or None. ``build`` checks
+the config (types, ranges, plausible sizes) *before* allocating, with :class:`InputError` naming ``what``; it builds
+on the meta device when asked (``torch.device("meta")`` context) so that weights are assigned without a copy.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from cpcluster.errors import InputError
+
+# Explicit registry: architecture name -> module holding its ``build(config, what)``.
+ARCHITECTURES: dict[str, str] = {
+    "diffusers-unet2d": "cpcluster.models.archs.diffusers_unet",
+    "demo-unet": "cpcluster.models.archs.demo_unet",
+}
+
+
+def build_architecture(name: str, config: dict, what: str, meta_device: bool = False) -> nn.Module:
+    """The module of architecture ``name`` with ``config``; on the meta device (no memory) if ``meta_device``."""
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise InputError(f"{what}: unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    if not isinstance(config, dict):
+        raise InputError(f"{what}: the configuration of architecture {name} must be a JSON object")
+    builder = importlib.import_module(ARCHITECTURES[name]).build
+    if meta_device:
+        with torch.device("meta"):
+            return builder(config, what)
+    return builder(config, what)
+
+
+def first_mismatch(module: nn.Module, state: dict) -> str | None:
+    """A one-line description of the first tensor of ``state`` that does not fit ``module``, or None if all fit.
+
+    Checked in the module's own key order: a tensor the module needs that ``state`` lacks, then tensors of the wrong
+    shape, then tensors ``state`` has that the module does not know.
+    """
+    own = module.state_dict(keep_vars=True)
+    for key, tensor in own.items():
+        if key not in state:
+            return f"tensor {key!r} {tuple(tensor.shape)} is missing"
+        got = state[key]
+        if not isinstance(got, torch.Tensor):
+            return f"tensor {key!r} is not a tensor"
+        if tuple(got.shape) != tuple(tensor.shape):
+            return f"tensor {key!r} has shape {tuple(got.shape)}, the architecture needs {tuple(tensor.shape)}"
+    extra = [k for k in state if k not in own]
+    if extra:
+        return f"tensor {extra[0]!r} is not part of the architecture ({len(extra)} such tensor(s))"
+    return None
+
+
+def assign_state(module: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load ``state`` into ``module`` strictly (floating tensors cast to float32), assigning storage when the module
+    lives on the meta device. A mismatch is one :class:`InputError` naming the first mismatching tensor."""
+    problem = first_mismatch(module, state)
+    if problem:
+        raise InputError(f"{what}: weights do not fit the architecture: {problem}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    module.load_state_dict(state, strict=True, assign=meta)
+    return module
