@@ -89,7 +89,7 @@ class CertifyConfig:
     purifier: str = "consistency"
     time_rule: str = "nearest"
     steps: int | None = None
-    purifier_label: str = "fixed:0"
+    purifier_label: str = "random"
     mode: str = "certify"
     dtype: str = "float32"
     device: str = "auto"
@@ -185,7 +185,7 @@ class FinetuneConfig:
     ema_decay: float = 0.999  # 0 = no EMA; the exported weights are the EMA when it is on
     grad_clip: float = 1.0  # max global gradient L2 norm (0 = off)
     time_rule: str = "nearest"
-    purifier_label: str = "fixed:0"  # labels a class-conditional network sees (never the true label)
+    purifier_label: str = "random"  # labels a class-conditional network sees (never the true label)
     seed: int = 0
     eval_data: str | None = None  # None: hold out the last eval_images images of `data` (not trained on)
     eval_images: int = 256

@@ -113,9 +113,30 @@ def needs_lpips(config: FinetuneConfig) -> bool:
 
 
 def _spec_paths(spec: str) -> list[str]:
-    """The local paths named in a spec (``kind:/a/b``, ``timm:name:/a/b.safetensors``); URLs are not checked."""
-    parts = spec.partition(":")[2].split(":")
+    """The local paths named in a spec (``kind:/a/b``, ``timm:name:/a/b.safetensors``, options after ``?`` dropped);
+    URLs are not checked."""
+    body = spec.rpartition("?")[0] if "?" in spec else spec
+    parts = body.partition(":")[2].split(":")
     return [p for p in parts if ("/" in p or p.startswith((".", "~"))) and "//" not in p]
+
+
+TRAINABLE_KINDS = ("consistency",)  # the loss is that of the consistency function D
+
+
+def trainable(base, what: str = "--model"):
+    """``base.module`` made trainable: every loader freezes its network for inference (``requires_grad=False``,
+    eval mode); fine-tuning turns gradients back on for all parameters and switches to train mode.
+
+    Refused with :class:`InputError`: networks that are not consistency models (the loss applies the consistency
+    function's boundary scalings to the network), and TorchScript networks (their weights could not be exported in
+    a form certify loads).
+    """
+    if base.kind not in TRAINABLE_KINDS:
+        raise InputError(f"{what} {base.spec}: a {base.kind} network has no consistency function to fine-tune")
+    if base.spec.startswith("torchscript:"):
+        raise InputError(f"{what} {base.spec}: TorchScript networks cannot be fine-tuned; save the network's "
+                         "state_dict and load it through python:MODULE:FACTORY:WEIGHTS, or convert it")
+    return base.module.train().requires_grad_(True)
 
 
 def preflight(config: FinetuneConfig) -> None:
@@ -185,8 +206,7 @@ def run(config: FinetuneConfig) -> dict:
     amp = cfg.amp and device.type == "cuda"
 
     base = load_denoiser(cfg.model)
-    if base.kind not in ("consistency", "edm"):
-        raise InputError(f"--model {cfg.model}: a {base.kind} network has no consistency function to fine-tune")
+    net = trainable(base).to(device)
     times = [time_for_sigma(s, base.meta.get("grid_steps"), cfg.time_rule) for s in cfg.sigmas]
     train_set, n_train, eval_set, eval_idx = datasets(cfg)
     if cfg.lpips_random_backbone and needs_lpips(cfg):
@@ -199,7 +219,6 @@ def run(config: FinetuneConfig) -> dict:
     classifier = load_classifier(cfg.classifier) if cfg.classifier else None
     evaluator = Evaluator(cfg, eval_set, eval_idx, perceptual, base, classifier, info.device, amp)
 
-    net = base.module.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
     opt = torch.optim.RAdam(net.parameters(), lr=cfg.lr)
     run_dict = cfg.run_dict()

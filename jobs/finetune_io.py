@@ -6,7 +6,7 @@ Layout under ``<out>``::
     checkpoints/step-00001000.pt   torch.save of plain dicts/tensors, read back with weights_only=True
     metrics.jsonl                  one JSON record per line (train and eval), rewritten atomically
     curves.png                     the evaluation curves (jobs/finetune_eval.py)
-    final/                         denoiser.safetensors + cpcluster.json (cpcluster/models/finetuned.py)
+    final/                         a network folder: model.safetensors + cpcluster.json (models/finetuned.py)
 
 A checkpoint holds ``step`` (optimizer steps done), ``run`` and ``run_hash`` (``FinetuneConfig.run_dict()``),
 ``net`` (raw weights), ``ema`` (or None), ``optimizer``, ``log`` (every metrics record up to ``step``) and

@@ -137,6 +137,7 @@ def finetune_stage(recipe: dict, stage: str, model: str, work: str, path: str) -
     """Stages 2 and 3: one :class:`FinetuneJob` run in this process; its exported weights are copied to ``path``."""
     from cpcluster.config import FinetuneConfig
     from cpcluster.jobs.finetune import FinetuneJob
+    from cpcluster.models.netfolder import WEIGHTS_FILE
     from cpcluster.models.weights import load_state_dict
 
     cfg = dict(recipe[stage])
@@ -148,7 +149,7 @@ def finetune_stage(recipe: dict, stage: str, model: str, work: str, path: str) -
     tic = time.perf_counter()
     result = FinetuneJob(config)()
     seconds = time.perf_counter() - tic
-    state, _ = load_state_dict(os.path.join(work, "final", "denoiser.safetensors"), "fine-tuning output")
+    state, _ = load_state_dict(os.path.join(work, "final", WEIGHTS_FILE), "fine-tuning output")
     sha = _save(path, state, {"format": "cpcluster-demo", "stage": stage, "recipe": recipe,
                               "finetune_run": config.run_dict()})
     return {"seconds": seconds, "sha256": sha, "samples_per_s": result["train_samples_per_s"]}

@@ -40,8 +40,8 @@ def test_quick_demo_writes_table_png_and_summary(quick):
         assert m in table
     # the fine-tuning really ran: its exported weights differ from the base, and it started from `demo`
     meta = json.loads((out / "quick" / "finetune" / "final" / "cpcluster.json").read_text())
-    assert meta["base"]["spec"] == "demo" and meta["step"] == QUICK.finetune["steps"]
-    assert meta["config"]["lpips_random_backbone"] is True
+    assert meta["finetuned"]["base"] == "demo" and meta["finetuned"]["step"] == QUICK.finetune["steps"]
+    assert meta["finetune_run"]["config"]["lpips_random_backbone"] is True and meta["architecture"] == "demo-unet"
     from cpcluster.models.specs import load_denoiser
 
     before = load_denoiser("demo").module.state_dict()

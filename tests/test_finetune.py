@@ -107,7 +107,8 @@ def test_run_writes_everything_and_reruns_resume(tmp_path):
     trains = [r["step"] for r in finetune_io.read_metrics(cfg.out) if r["kind"] == "train"]
     assert trains == [1, 2, 3, 4, 5, 6]
     meta = json.loads((tmp_path / "run" / "final" / "cpcluster.json").read_text())
-    assert meta["step"] == 6 and meta["config"]["steps"] == 6 and meta["weights"]["which"] == "ema"
+    assert meta["finetuned"]["step"] == 6 and meta["finetune_run"]["config"]["steps"] == 6
+    assert meta["finetuned"]["weights"] == "ema" and meta["format"] == "cpcluster-network"
 
     with pytest.raises(InputError, match="differs in: lr"):
         FinetuneJob(tiny(tmp_path / "run", lr=1e-3))()
@@ -155,7 +156,8 @@ def _perturbed(seed=0):
 def test_export_then_load_reproduces_the_purifier(tmp_path):
     den = _perturbed()
     meta = export_finetuned(str(tmp_path), den.module.state_dict(), den, "ema", 7, {"x": 1})
-    assert meta["base"]["spec"] == "demo-random" and meta["meta"]["grid_steps"] == 18
+    assert meta["finetuned"]["base"] == "demo-random" and meta["meta"]["grid_steps"] == 18
+    assert meta["architecture"] == "demo-unet" and meta["finetune_run"]["config"] == {"x": 1}
     loaded = load_denoiser(f"finetuned:{tmp_path}")
     assert loaded.sha256 == meta["weights"]["sha256"] and loaded.kind == "consistency"
     assert loaded.meta["finetuned"] == {"base": "demo-random", "base_sha256": None, "step": 7, "weights": "ema"}
@@ -176,7 +178,7 @@ def test_finetuned_folder_errors(tmp_path):
         load_denoiser(f"finetuned:{tmp_path}/nothing")
     den = _perturbed()
     export_finetuned(str(tmp_path), den.module.state_dict(), den, "raw", 1, {})
-    weights = tmp_path / "denoiser.safetensors"
+    weights = tmp_path / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(weights))
@@ -185,7 +187,7 @@ def test_finetuned_folder_errors(tmp_path):
     with pytest.raises(InputError, match="sha256"):
         load_denoiser(f"finetuned:{tmp_path}")
     (tmp_path / "cpcluster.json").write_text("{}")
-    with pytest.raises(InputError, match="not a cpcluster fine-tuning result"):
+    with pytest.raises(InputError, match="not a cpcluster network folder"):
         load_denoiser(f"finetuned:{tmp_path}")
 
 
@@ -200,3 +202,20 @@ def test_preflight_checks_before_submitting(tmp_path, monkeypatch):
         preflight(tiny(tmp_path, data="npz:/no/such/train.npz"))
     with pytest.raises(InputError, match="--model 'nope:x': unknown kind"):
         preflight(tiny(tmp_path, model="nope:x"))
+
+
+def test_export_of_a_python_network_names_the_spec_to_type_and_never_imports_it(tmp_path, monkeypatch):
+    import re
+    import sys
+
+    base = load_denoiser("python:test_adapters:make_denoiser?kind=consistency&grid_steps=18")
+    state = {k: v + 0.5 for k, v in base.module.state_dict().items()}  # keys of the wrapper: net.conv.*
+    record = export_finetuned(str(tmp_path / "final"), state, base, "raw", 3, {})
+    expected = f"python:test_adapters:make_denoiser:{tmp_path}/final/model.safetensors?kind=consistency&grid_steps=18"
+    assert record["architecture"] is None and record["load_with"] == expected
+    monkeypatch.delitem(sys.modules, "test_adapters")
+    with pytest.raises(InputError, match=re.escape(f"load it by typing --denoiser {expected}")):
+        load_denoiser(f"finetuned:{tmp_path}/final")
+    assert "test_adapters" not in sys.modules  # the refused folder imported nothing
+    typed = load_denoiser(expected)  # the user typed the factory: the exported weights load into it
+    assert all(torch.equal(typed.module.state_dict()[k], v) for k, v in state.items())

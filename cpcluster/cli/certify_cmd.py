@@ -85,8 +85,9 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
 @click.option("--steps", type=int, default=None, help="Solver steps (pf-ode).")
 @click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True,
               help="Purifier time: nearest training-grid point to 2 sigma, or exactly 2 sigma.")
-@click.option("--purifier-label", default="fixed:0", show_default=True,
-              help="Labels for a class-conditional purifier: fixed:K or random (never the true label).")
+@click.option("--purifier-label", default="random", show_default=True,
+              help="Labels a class-conditional purifier sees: random (uniform, from the noise seed) or fixed:K; "
+                   "never the true label. Ignored for unconditional purifiers.")
 @click.option("--mode", type=click.Choice(CERTIFY_MODES), default="certify", show_default=True,
               help="certify (selection + estimation) or predict (estimation only).")
 @click.option("--dtype", type=click.Choice(CERTIFY_DTYPES), default="float32", show_default=True,

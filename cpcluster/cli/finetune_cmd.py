@@ -53,7 +53,8 @@ def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus
 @click.option("--ema-decay", default=0.999, type=float, help="EMA of the weights, exported (0: off, export raw).")
 @click.option("--grad-clip", default=1.0, type=float, help="Max gradient norm (0: off).")
 @click.option("--time-rule", type=click.Choice(["nearest", "exact"]), default="nearest", help="t_sigma rule.")
-@click.option("--purifier-label", default="fixed:0", help="Labels for class-conditional nets: fixed:K | random.")
+@click.option("--purifier-label", default="random",
+              help="Labels a class-conditional network sees: random or fixed:K (never the true label).")
 @click.option("--classifier", default=None, help="Classifier spec: also report accuracy of clf(purify(x+noise)).")
 @click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
 @click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")

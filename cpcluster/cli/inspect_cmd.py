@@ -28,7 +28,7 @@ def _device(choice: str) -> dict:
 
 
 def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, sigmas, purifier: str = "consistency",
-                  time_rule: str = "nearest", steps: int | None = None, label_policy: str = "fixed:0",
+                  time_rule: str = "nearest", steps: int | None = None, label_policy: str = "random",
                   device: str = "auto") -> dict:
     """Load the specs (on the CPU, no forward pass) and describe them.
 
@@ -62,6 +62,10 @@ def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, si
             policy.labels(1, den.meta["num_classes"], "cpu")
         except InputError as e:
             problems.append(str(e))
+        report["purifier"]["label_policy"] = (
+            f"{policy.text}: the class-conditional denoiser ({den.meta['num_classes']} classes) sees "
+            + ("uniformly random labels drawn from the noise seed" if policy.text == "random" else
+               f"class {policy.text.partition(':')[2]} for every image") + ", never the true label")
     clf = load_classifier(classifier)
     report["classifier"] = {**clf.describe(), "parameters": _parameters(clf.module)}
     if dataset:
@@ -101,6 +105,8 @@ def format_report(report: dict) -> str:
         lines += [f"{section}: none"] if value is None else [f"{section}:", *_lines(value)]
     pur = report["purifier"]
     lines.append(f"purifier: {pur['name']}")
+    if pur.get("label_policy"):
+        lines.append(f"  label_policy: {pur['label_policy']}")
     for row in pur["per_sigma"]:
         lines.append(f"  sigma {row['sigma']:g}:")
         lines.extend(_lines({k: v for k, v in row.items() if k not in ("sigma", "kind")}, 4))
@@ -131,8 +137,8 @@ def _sigmas(ctx, param, values):
 @click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True,
               help="t_sigma: training-grid point nearest 2*sigma, or 2*sigma exactly.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="pf-ode steps (default 10).")
-@click.option("--purifier-label", default="fixed:0", show_default=True,
-              help="Label for class-conditional purifiers: fixed:K or random (never the true label).")
+@click.option("--purifier-label", default="random", show_default=True,
+              help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_cmd(denoiser, classifier, dataset, sigmas, purifier, time_rule, steps, purifier_label, device, as_json):

@@ -119,7 +119,8 @@ def finetune_done(config) -> dict | None:
         return None
     with open(path) as fh:
         meta = json.load(fh)
-    if meta.get("run_hash") != config_hash(config.run_dict()) or meta.get("step", 0) < config.steps:
+    run, finetuned = meta.get("finetune_run") or {}, meta.get("finetuned") or {}
+    if run.get("run_hash") != config_hash(config.run_dict()) or finetuned.get("step", 0) < config.steps:
         return None
     return meta
 

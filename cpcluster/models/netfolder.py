@@ -5,7 +5,8 @@
 
 * ``model.safetensors`` -- the state_dict of the architecture's module (float32);
 * ``cpcluster.json`` (written last: a folder with it is complete) -- ``format`` ("cpcluster-network"), ``version``,
-  ``architecture`` (a name from :data:`cpcluster.models.archs.ARCHITECTURES`) and ``arch_config``, the network
+  ``architecture`` (a name from :data:`cpcluster.models.archs.ARCHITECTURES`, or null with a ``load_with`` spec for
+  weights of a ``python:`` network, which the user must type) and ``arch_config``, the network
   ``meta`` (``kind`` and what the purifiers need: ``c_noise``, ``grid_steps``, ``num_classes``, DDPM ``betas`` ...),
   ``weights`` (file name and sha256), ``source`` (what it was made from: file, sha256, converter or fine-tuning
   run) and free-form ``notes``.
@@ -47,10 +48,11 @@ def encode_network(state: dict, architecture: str, arch_config: dict, meta: dict
     from cpcluster import __version__
 
     what = f"architecture {architecture}"
-    module = build_architecture(architecture, arch_config, what, meta_device=True)
-    problem = first_mismatch(module, state)
-    if problem:
-        raise InputError(f"{what}: the weights do not fit: {problem}")
+    if architecture is not None:  # None: weights of a network only its own code (a python: factory) rebuilds
+        module = build_architecture(architecture, arch_config, what, meta_device=True)
+        problem = first_mismatch(module, state)
+        if problem:
+            raise InputError(f"{what}: the weights do not fit: {problem}")
     tensors = {k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous().clone()
                for k, v in state.items()}
     raw = save_safetensors(tensors, metadata={"format": FORMAT})  # one key: the bytes are reproducible
@@ -81,6 +83,11 @@ def read_network_record(folder: str, what: str) -> dict:
     if record.get("version") != VERSION:
         raise InputError(f"{what}: network folder version {record.get('version')!r} is not supported "
                          f"(this cpcluster reads version {VERSION})")
+    if record.get("architecture") is None and "load_with" in record:
+        spec = record["load_with"]
+        how = f"--denoiser {spec}" if isinstance(spec, str) else "the python: spec of its base with these weights"
+        raise InputError(f"{what}: its network is built by code that cpcluster does not run from a file; load it "
+                         f"by typing {how}")
     if record.get("architecture") not in ARCHITECTURES:
         raise InputError(f"{what}: unknown architecture {record.get('architecture')!r}; "
                          f"known: {', '.join(sorted(ARCHITECTURES))}")
@@ -108,7 +115,7 @@ def load_network_folder(folder: str, options: dict, what: str) -> LoadedDenoiser
                          f"{record['weights']['sha256'][:12]}...; the folder was altered, convert or export it again")
     assign_state(module, state, what)
     info = {**meta, "architecture": record["architecture"]}
-    for key in ("source", "finetuned"):
+    for key in ("source", "finetuned"):  # small identity records; they go into every run config
         if isinstance(record.get(key), dict):
             info[key] = record[key]
     return LoadedDenoiser(module.eval().requires_grad_(False), info.pop("kind"), info, sha256=digest,

@@ -24,7 +24,7 @@ from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
 class LabelPolicy:
     """Labels for class-conditional purifiers: ``"fixed:K"`` or ``"random"`` (uniform, from the batch generator)."""
 
-    text: str = "fixed:0"
+    text: str = "random"
 
     def labels(self, batch: int, num_classes: int | None, device, generator=None) -> torch.Tensor | None:
         """(batch,) int64 labels, or None for an unconditional network. Never depends on the true label."""
