@@ -152,3 +152,49 @@ def test_shapes_of_the_upstream_files_say_their_architecture(tmp_path, name):
                     attention_resolutions=[1, 2] if name == "cm" else [2], use_scale_shift_norm=name != "id_cond",
                     resblock_updown=name == "cm", attention_conv_dims=2 if name == "cm" else 1)
     assert got == expected
+
+
+SMALL_CONFIG = dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model_channels=10**6), "model_channels=1000000"),
+    (dict(model_channels=48, channel_mult=[1, 3]), "multiple of 32"),
+    (dict(attention_resolutions=[3]), "downsample rates"),
+    (dict(attention_resolutions=[4]), "downsample rates"),  # two levels reach rate 2 only
+    (dict(num_heads=3), "does not split into 3 heads"),
+    (dict(num_head_channels=24), "heads of 24 channels"),
+    (dict(num_head_channels=0), "-1 or positive"),
+    (dict(time_input_scale=0), "time_input_scale"),
+    (dict(use_scale_shift_norm="yes"), "expected true or false"),
+    (dict(width=32), "unknown architecture config key"),
+    (dict(model_channels=4096, channel_mult=[2] * 8, num_res_blocks=32), "parameters (limit"),
+])
+def test_config_is_checked_before_anything_is_built(change, message):
+    from cpcluster.errors import InputError
+
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        build_architecture("openai-unet", {**SMALL_CONFIG, **change}, "test")
+
+
+def test_time_input_labels_and_float32_group_norm():
+    from cpcluster.models.archs.openai_unet_blocks import GroupNorm32
+
+    torch.manual_seed(0)
+    net = build_architecture("openai-unet", {**SMALL_CONFIG, "num_classes": 5, "time_input_scale": 0.5}, "t").eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        full = net(x, torch.full((3,), 40.0), torch.tensor([1, 1, 1]))
+        torch.testing.assert_close(net(x, torch.tensor(40.0), torch.tensor([1, 1, 1])), full)  # a scalar time
+        net.time_input_scale = 1.0
+        torch.testing.assert_close(net(x, torch.full((3,), 20.0), torch.tensor([1, 1, 1])), full)
+        with pytest.raises(ValueError, match="class-conditional"):
+            net(x, torch.full((3,), 20.0), None)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        h = (torch.randn(2, 64, 4, 4) * 50 + 300).to(torch.bfloat16)
+        out = norm(h)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.group_norm(h.float(), 32, norm.weight, norm.bias).to(torch.bfloat16)
+    assert torch.equal(out, expected)

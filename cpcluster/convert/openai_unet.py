@@ -89,9 +89,9 @@ def preset_config(options: dict[str, str], what: str) -> tuple[str, dict, dict, 
     base, meta, rescale, origin = PRESETS[name]
     config, meta = dict(base), dict(meta)
     overrides = {k: _parse(k, v, what) for k, v in options.items() if k != "preset"}
-    rescale = overrides.pop("rescale_timesteps", rescale)
     if rescale is None and "rescale_timesteps" in options:
         raise InputError(f"{what}: rescale_timesteps applies to the DDPM presets only")
+    rescale = overrides.pop("rescale_timesteps", rescale)
     if rescale is not None and "time_input_scale" in overrides and "rescale_timesteps" in options:
         raise InputError(f"{what}: give rescale_timesteps or time_input_scale, not both")
     if rescale is not None:

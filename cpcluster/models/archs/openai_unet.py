@@ -125,8 +125,8 @@ def read_config(config: dict, what: str) -> dict:
     if any(w % GROUPS or w > MAX_CHANNELS for w in widths):
         raise InputError(f"{what}: architecture config model_channels={mc} x channel_mult={list(mult)} gives widths "
                          f"{widths}; each must be a multiple of {GROUPS} (group norm) and at most {MAX_CHANNELS}")
-    rates = get_int_list(config, "attention_resolutions", what, 1, 2 ** (len(mult) - 1), 8, default=[])
-    if any(r & (r - 1) for r in rates):
+    rates = get_int_list(config, "attention_resolutions", what, 1, 4096, 8, default=[])
+    if any(r & (r - 1) or r > 2 ** (len(mult) - 1) for r in rates):
         raise InputError(f"{what}: architecture config attention_resolutions={list(rates)} must be downsample rates "
                          f"(powers of two up to {2 ** (len(mult) - 1)}), i.e. image_size // resolution")
     args = dict(
