@@ -8,7 +8,9 @@ scales the noisy model-space image onto that marginal, ``x_t = sqrt(abar_t) (2 (
 Schedules (``betas``, float64, shape (T,)) follow the diffusers ``DDPMScheduler`` names: ``linear``
 (``linspace(beta_start, beta_end, T)``), ``scaled_linear`` and ``squaredcos_cap_v2`` (the cosine schedule of
 Nichol & Dhariwal 2021, ``abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2)``, s = 0.008, betas capped at 0.999); ``cosine``
-is an alias. A network adapter puts the betas into ``LoadedDenoiser.meta["betas"]``.
+is an alias. A network adapter puts the betas into ``LoadedDenoiser.meta["betas"]``. The network is called with the
+integer timestep; one trained on a rescaled time (improved-diffusion's ``rescale_timesteps``: ``t * 1000 / T``)
+rescales it itself (architecture ``openai-unet``, config ``time_input_scale``).
 """
 from __future__ import annotations
 

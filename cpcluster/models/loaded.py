@@ -18,7 +18,8 @@ class LoadedDenoiser:
     module : ``module(x, time_input, class_labels)`` -> (B, C, H, W) model-space tensor, x (B, C, H, W) model space.
              For ``kind="consistency"`` / ``"edm"`` the output is the raw network F (the boundary scalings are
              applied by :class:`cpcluster.models.consistency.ConsistencyFunction`); time_input is c_noise.
-             For ``kind="ddpm"`` the output is the predicted noise epsilon; time_input is the integer timestep.
+             For ``kind="ddpm"`` the output is the predicted noise epsilon; time_input is the integer timestep (a
+             network trained on ``t * 1000 / T`` scales it itself: ``openai-unet``'s ``time_input_scale``).
     kind : ``"consistency"``, ``"edm"`` or ``"ddpm"``.
     meta : ``c_noise`` ("openai" | "jax"), ``grid_steps`` (Karras N the model was trained on), ``num_classes``
            (None for unconditional networks), ``betas`` (DDPM schedule, list) ...
