@@ -190,7 +190,7 @@ def pickle_structure(raw: bytes) -> list:
             token = ("bytes", arg.hex())
         elif "BYTES" in name:  # an embedded storage: its dtype and data (its key is a memory address)
             storage = torch.load(io.BytesIO(arg), weights_only=True)
-            token = ("storage", str(storage.dtype), hashlib.sha256(bytes(storage.untyped())).hexdigest()[:16])
+            token = ("storage", str(storage.dtype), hashlib.sha256(bytes(storage._untyped_storage)).hexdigest()[:16])
         elif name in ("BININT", "BININT1", "BININT2", "LONG1", "INT"):
             token = ("int", arg)
         else:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from cpcluster.errors import InputError
 
 # Explicit registry: converter name -> module.
-CONVERTERS: dict[str, str] = {}
+CONVERTERS: dict[str, str] = {
+    "edm-pickle": "cpcluster.convert.edm_pickle",
+}
 
 
 @dataclass
