@@ -148,10 +148,11 @@ def snapshot(name: str, module_src: str = "# stand-in\n") -> dict:
                 dataset_kwargs=decode(record["dataset_kwargs"]))
 
 
-def dump_edm_pickle(data, path: str | None = None) -> bytes:
-    """Pickle ``data`` (built with :func:`snapshot`) as EDM does; write it to ``path`` when given."""
+def dump_edm_pickle(data, path: str | None = None, protocol: int = 4) -> bytes:
+    """Pickle ``data`` (built with :func:`snapshot`) as EDM does (Python 3.8-3.13's default protocol 4); write it
+    to ``path`` when given."""
     with _persistence_module_name():
-        raw = pickle.dumps(data, protocol=4)
+        raw = pickle.dumps(data, protocol=protocol)
     if path:
         with open(path, "wb") as fh:
             fh.write(raw)

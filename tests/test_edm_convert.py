@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.convert import run_conversion
 from cpcluster.models.specs import load_denoiser
 from edm_files import CASES, dump_edm_pickle, load_case, marker_source, pickle_structure, snapshot, write_edm_pickle
 from test_edm_arch import assert_matches
@@ -60,6 +59,19 @@ def test_stand_in_pickles_have_the_layout_of_real_ones(name):
     with open(os.path.join(os.environ["CPCLUSTER_EDM_PICKLES"], f"{name}.pkl"), "rb") as fh:
         real = fh.read()
     assert pickle_structure(dump_edm_pickle(snapshot(name))) == pickle_structure(real)
+
+
+@pytest.mark.parametrize("protocol", [3, 5])
+def test_other_pickle_protocols(tmp_path, protocol):
+    """Python 3.7 wrote protocol 3 (sets as builtins.set(list)), Python 3.14 writes 5; both read the same."""
+    _, _, arrays = load_case("vp-skip")
+    raw = dump_edm_pickle(snapshot("vp-skip"), str(tmp_path / "n.pkl"), protocol)
+    assert (b"builtins\nset" in raw) == (protocol == 3)
+    assert convert(tmp_path / "n.pkl", tmp_path / "net").exit_code == 0
+    den = load_denoiser(f"net:{tmp_path / 'net'}")
+    with torch.no_grad():
+        assert_matches(den.module(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["sigma"]), None).numpy(),
+                       arrays["out"])
 
 
 def test_which_selects_another_entry(tmp_path):

@@ -120,17 +120,6 @@ def rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None
     return data.detach()
 
 
-def _reconstructor(cls, base, state=None):
-    """Stand-in for ``copyreg._reconstructor`` (protocol 0/1 objects): only for the container placeholders."""
-    if not (isinstance(cls, type) and issubclass(cls, ModuleRecord)) or base is not object or state is not None:
-        raise RefusedGlobal("refused copyreg._reconstructor of anything but a torch container")
-    return cls.__new__(cls)
-
-
-class _EasyDict(dict):
-    """Stands for ``dnnlib.util.EasyDict`` (a dict); attribute access is not provided."""
-
-
 _CONTAINERS = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ModuleList",
                "torch.nn.modules.container.Sequential")
 
@@ -142,9 +131,7 @@ ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,  # protocols 2 and 3 write a set as set(list)
-    ("copyreg", "_reconstructor"): _reconstructor,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("builtins", "set"): set,  # protocol 3 (Python < 3.8's default) writes a set as set(list)
     **{tuple(q.rsplit(".", 1)): _module_record_class(q) for q in _CONTAINERS},
     **NUMPY_SCALAR_STANDINS,
 }

@@ -116,7 +116,8 @@ class UNetBlock(nn.Module):
                  resample_proj: bool = False, adaptive_scale: bool = True):
         super().__init__()
         self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = heads if attention else 0
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, float(skip_scale), adaptive_scale
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
