@@ -33,6 +33,16 @@ def _decode(block: UNetBlock, x: torch.Tensor, skips: list, emb: torch.Tensor) -
     return block(x, emb)
 
 
+def _open_level(dec: nn.ModuleDict, res: int, lowest: bool, channels: int, block: dict) -> None:
+    """The first blocks of a decoder level: ``in0`` (with attention) and ``in1`` at the lowest resolution, else
+    ``up`` (2x upsampling)."""
+    if lowest:
+        dec[f"{res}x{res}_in0"] = UNetBlock(channels, channels, attention=True, **block)
+        dec[f"{res}x{res}_in1"] = UNetBlock(channels, channels, **block)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(channels, channels, up=True, **block)
+
+
 class SongUNet(nn.Module):
     """DDPM++ (positional embedding, standard encoder, filter [1,1]) and NCSN++ (Fourier embedding, residual
     encoder, filter [1,3,3,1]) of Song et al. (2021) as re-implemented in EDM; ``encoder_type`` standard | skip |
@@ -80,11 +90,7 @@ class SongUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            _open_level(self.dec, res, level == len(channel_mult) - 1, cout, block)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
@@ -164,11 +170,7 @@ class DhariwalUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            _open_level(self.dec, res, level == len(channel_mult) - 1, cout, block)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions,
