@@ -214,7 +214,12 @@ def test_pf_ode_refuses_bad_inputs(folders):
         build_purifier("consistency", load_denoiser(f"diffusers:{folders['ddpm']}"), 0.5)
     with pytest.raises(InputError, match="DDPM"):
         build_purifier("onestep-ddpm", cm, 0.5)
-    assert set(PURIFIERS) == {"none", "consistency", "onestep-ddpm", "pf-ode"}
+    assert set(PURIFIERS) == {"none", "consistency", "onestep-ddpm", "onestep-edm", "pf-ode"}
+
+
+def _steps(purifier: str, k: int) -> dict:
+    """``steps=k`` for the purifiers that take it (onestep-edm refuses any other than 1)."""
+    return {} if purifier == "onestep-edm" else {"steps": k}
 
 
 class LabelRecorder(nn.Module):
@@ -235,7 +240,8 @@ class LabelRecorder(nn.Module):
     ("consistency", "consistency", {"c_noise": "openai", "grid_steps": 18}),
     ("ddpm", "onestep-ddpm", {"betas": ddpm_betas("linear").tolist()}),
     ("ddpm", "pf-ode", {"betas": ddpm_betas("linear").tolist()}),
-    ("edm", "pf-ode", {"c_noise": "edm", "grid_steps": 18})])
+    ("edm", "pf-ode", {"c_noise": "edm", "grid_steps": 18}),
+    ("edm", "onestep-edm", {"c_noise": "edm", "grid_steps": 18})])
 def test_conditional_network_never_sees_true_label(kind, purifier, meta):
     net = LabelRecorder()
     den = LoadedDenoiser(net, kind, {**meta, "num_classes": 10})
@@ -245,7 +251,8 @@ def test_conditional_network_never_sees_true_label(kind, purifier, meta):
     for text in ("fixed:3", "random"):
         seen = []
         for true in (true_a, true_b):  # the true labels exist only here: the API has no way to pass them
-            base = SmoothedBase(build_purifier(purifier, den, 0.25, label_policy=LabelPolicy(text), steps=3), clf)
+            base = SmoothedBase(build_purifier(purifier, den, 0.25, label_policy=LabelPolicy(text),
+                                               **_steps(purifier, 3)), clf)
             net.labels.clear()
             logits = base(x, torch.Generator().manual_seed(5))
             assert logits.shape == (8, 10) and logits.dtype == torch.float32
@@ -278,11 +285,11 @@ def test_conditional_diffusers_unet_receives_policy_labels(folders):
         build_purifier("consistency", den, 0.5, label_policy=LabelPolicy("fixed:12"))(torch.rand(1, 3, 16, 16))
 
 
-@pytest.mark.parametrize("name", ["none", "consistency", "pf-ode"])
+@pytest.mark.parametrize("name", ["none", "consistency", "pf-ode", "onestep-edm"])
 def test_shapes_dtypes_and_range(name):
     den = load_denoiser("demo-random")
     den_edm = LoadedDenoiser(den.module, "edm", {"c_noise": "openai", "grid_steps": 18, "num_classes": None})
-    pur = build_purifier(name, den_edm if name == "pf-ode" else den, 0.5, steps=2)
+    pur = build_purifier(name, den_edm if name in ("pf-ode", "onestep-edm") else den, 0.5, **_steps(name, 2))
     x = torch.rand(5, 1, 16, 16) + 0.5 * torch.randn(5, 1, 16, 16)
     with torch.no_grad():
         out = pur(x)
@@ -296,13 +303,14 @@ def test_shapes_dtypes_and_range(name):
 @pytest.mark.parametrize("purifier, kind, meta", [
     ("consistency", "consistency", {"c_noise": "openai", "grid_steps": 18}),
     ("onestep-ddpm", "ddpm", {"betas": ddpm_betas("linear").tolist()}),
-    ("pf-ode", "edm", {"c_noise": "edm", "grid_steps": 18})])
+    ("pf-ode", "edm", {"c_noise": "edm", "grid_steps": 18}),
+    ("onestep-edm", "edm", {"c_noise": "edm", "grid_steps": 18})])
 def test_uses_generator_tells_the_truth(purifier, kind, meta):
     """The engine skips its probe forward when a purifier declares uses_generator; the flag must be right."""
     for classes in (None, 10):
         for text in ("fixed:1", "random"):
             den = LoadedDenoiser(LabelRecorder(), kind, {**meta, "num_classes": classes})
-            pur = build_purifier(purifier, den, 0.5, label_policy=LabelPolicy(text), steps=2)
+            pur = build_purifier(purifier, den, 0.5, label_policy=LabelPolicy(text), **_steps(purifier, 2))
             gen = torch.Generator().manual_seed(0)
             before = gen.get_state()
             pur(torch.rand(2, 3, 8, 8), gen)

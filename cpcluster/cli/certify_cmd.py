@@ -11,6 +11,7 @@ import os
 
 import click
 
+from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
 from cpcluster.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, CertifyConfig
 from cpcluster.errors import InputError
 from cpcluster.submit import EXECUTORS
@@ -80,8 +81,8 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
 @click.option("--dataset", default="demo", show_default=True, metavar="SPEC", help="Evaluation dataset spec.")
 @click.option("--denoiser", default=None, metavar="SPEC", help="Denoiser spec [default: demo].")
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="Classifier spec.")
-@click.option("--purifier", default="consistency", show_default=True,
-              help="consistency | onestep-ddpm | pf-ode | none.")
+@click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", show_default=True,
+              help="How each noisy copy is purified before the classifier sees it.")
 @click.option("--steps", type=int, default=None, help="Solver steps (pf-ode).")
 @click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True,
               help="Purifier time: nearest training-grid point to 2 sigma, or exactly 2 sigma.")

@@ -10,7 +10,7 @@ import click
 
 from cpcluster.errors import InputError
 
-PURIFIER_NAMES = ("consistency", "onestep-ddpm", "pf-ode", "none")
+PURIFIER_NAMES = ("consistency", "onestep-ddpm", "onestep-edm", "pf-ode", "none")
 
 
 def _parameters(module) -> int:

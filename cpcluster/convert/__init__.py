@@ -22,6 +22,7 @@ from cpcluster.errors import InputError
 # Explicit registry: converter name -> module.
 CONVERTERS: dict[str, str] = {
     "openai-unet": "cpcluster.convert.openai_unet",
+    "edm-pickle": "cpcluster.convert.edm_pickle",
 }
 
 

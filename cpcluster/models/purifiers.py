@@ -115,16 +115,18 @@ class ConsistencyPurifier(DenoiserPurifier):
                 "label_policy": self.label_policy.text if self.denoiser.meta.get("num_classes") else None}
 
 
-# Explicit registry: purifier name -> class. Other modules add "onestep-ddpm" and "pf-ode".
+# Explicit registry: purifier name -> class. Other modules add "onestep-ddpm", "pf-ode" and "onestep-edm".
 PURIFIERS: dict[str, type[Purifier]] = {
     "none": IdentityPurifier,
     "consistency": ConsistencyPurifier,
 }
 
-# "onestep-ddpm" and "pf-ode" live in their own modules, which add themselves to PURIFIERS when imported; importing
-# them here makes the registry complete whichever module is imported first (they only need the names above).
+# "onestep-ddpm", "pf-ode" and "onestep-edm" live in their own modules, which add themselves to PURIFIERS when
+# imported; importing them here makes the registry complete whichever module is imported first (they only need the
+# names above).
 import cpcluster.models.ddpm  # noqa: E402,F401
 import cpcluster.models.pfode  # noqa: E402,F401
+import cpcluster.models.onestep_edm  # noqa: E402,F401
 
 
 def build_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, **options) -> Purifier:

@@ -88,6 +88,18 @@ def _empty_bytes(*args):
     return b""
 
 
+def _scalar(dtype, raw):
+    """``numpy.core.multiarray.scalar(dtype, raw)`` (a pickled numpy scalar) as a plain Python number."""
+    return _array((), dtype, raw).item()
+
+
+# For other restricted unpicklers: the globals a pickled numeric numpy *scalar* is made of, as inert stand-ins.
+NUMPY_SCALAR_STANDINS = {
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "dtype"): _DtypeRecord,
+}
+
 _STANDINS = {
     ("numpy.core.multiarray", "_reconstruct"): _ArrayRecord,
     ("numpy._core.multiarray", "_reconstruct"): _ArrayRecord,

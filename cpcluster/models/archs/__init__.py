@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, str] = {
     "diffusers-unet2d": "cpcluster.models.archs.diffusers_unet",
     "demo-unet": "cpcluster.models.archs.demo_unet",
     "openai-unet": "cpcluster.models.archs.openai_unet",
+    "edm-precond": "cpcluster.models.archs.edm_precond",
 }
 
 
