@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements/ci.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deps-$(REQ_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slurm demo bench clean
+.PHONY: install test test-fast test-slurm demo bench clean
 
 $(STAMP): requirements/ci.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -m "not slurm" $(PYTEST_ARGS) tests
+
+# The edit-test loop: everything but the tests marked slow (several processes, the demo, fault injection).
+test-fast: install
+	$(PY) -m pytest -q -m "not slurm and not slow" $(PYTEST_ARGS) tests
 
 # A real SLURM cluster on this machine (root; Debian packages): 2 slurmd nodes, slurmdbd for sacct, a low
 # MaxArraySize so that array splitting is exercised. The cluster is always stopped; pytest's exit code is kept.

@@ -34,7 +34,6 @@ def folders(tmp_path_factory):
     return {"plain": plain, "pipeline": str(pipeline)}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("which, options", [("plain", "?grid_steps=18&c_noise=openai"), ("pipeline", "")])
 def test_finetune_export_certify_aggregate(folders, tmp_path, which, options):
     spec = f"diffusers:{folders[which]}{options}"

@@ -22,7 +22,6 @@ torch.set_num_threads(1)
 CLASSIFIER = "timm:resnet18?num_classes=10&mean=half"
 
 
-@pytest.mark.slow
 def test_cd_imagenet64_pt_finetunes_and_certifies(tmp_path):
     spec = convert_standin("cm", tmp_path, preset="cd_imagenet64_lpips")
     rng = np.random.default_rng(0)
