@@ -23,6 +23,7 @@ from cpcluster.errors import InputError
 ARCHITECTURES: dict[str, str] = {
     "diffusers-unet2d": "cpcluster.models.archs.diffusers_unet",
     "demo-unet": "cpcluster.models.archs.demo_unet",
+    "ncsnpp": "cpcluster.models.archs.ncsnpp",
 }
 
 
