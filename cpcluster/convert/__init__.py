@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from cpcluster.errors import InputError
 
 # Explicit registry: converter name -> module.
-CONVERTERS: dict[str, str] = {}
+CONVERTERS: dict[str, str] = {
+    "flax-ncsnpp": "cpcluster.convert.flax_ncsnpp",
+}
 
 
 @dataclass
