@@ -56,7 +56,7 @@ def flax_bytes(tree: dict) -> bytes:
 
 def load_tree(key: str) -> dict:
     from cpcluster.convert.flax_msgpack import read_flax_entries
-    return read_flax_entries(CHECKPOINT, {key}, "test")[key]
+    return read_flax_entries(CHECKPOINT, {key}, "test")[0][key]
 
 
 def test_consistency_function_matches_jcm_distiller(converted, reference):
@@ -151,9 +151,10 @@ def bad_sources():
         "joint_ncsnpp": (flax_bytes(_state({"NCSNpp_0": tree, "NCSNpp_1": tree})), [], "joint_ncsnpp"),
         "integer parameter": (flax_bytes(_state({"Conv_0": {"kernel": np.zeros(3, np.int32)}})), [],
                               "Conv_0.kernel is an array of int32"),
-        "no params_ema": (flax_bytes({"step": 0, "params": tree}), [], "no 'params_ema' entry"),
+        "no params_ema": (flax_bytes({"step": 0, "params": tree}), [],
+                          "no 'params_ema' entry (its entries: step, params)"),
         "unknown preset": (raw, ["preset=imagenet64"], "unknown preset"),
-        "bad override": (raw, ["ch_mult=2;2"], "number list"),
+        "bad override": (raw, ["ch_mult=2;2"], "not a list of integers"),
     }
 
 
@@ -199,4 +200,7 @@ def test_convert_list_and_cli_report(tmp_path):
     report = json.loads(res.output)
     record = json.loads((tmp_path / "net" / "cpcluster.json").read_text())
     assert record["source"]["weights"] == "params_ema" and record["arch_config"]["nf"] == 8
-    assert record["weights"]["sha256"] == report["weights_sha256"]
+    assert record["weights"]["sha256"] == report["weights_sha256"] and record["meta"]["grid_steps"] == 18
+    res = CliRunner().invoke(main, ["convert", "flax-ncsnpp", CHECKPOINT, str(tmp_path / "n40"),
+                                    "--set", "grid_steps=40"])
+    assert res.exit_code == 0 and load_denoiser(f"net:{tmp_path / 'n40'}").meta["grid_steps"] == 40

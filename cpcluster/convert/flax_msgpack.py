@@ -73,8 +73,9 @@ def _check_tree(value, where: str, depth: int = 0):
         raise InputError(f"{where}: found a list where Flax writes maps and arrays")
 
 
-def read_flax_entries(url: str, keys, what: str) -> dict:
-    """``{key: tree}`` for those of ``keys`` present at the top level of the Flax msgpack file ``url``.
+def read_flax_entries(url: str, keys, what: str) -> tuple[dict, list[str]]:
+    """``({key: tree}, top-level names)``: the entries ``keys`` of the Flax msgpack file ``url``, and every name
+    at its top level (to say what a file holds instead).
 
     Trees are nested dicts with numpy-array leaves (read-only views). Keys absent from the file are absent from
     the result; the file's other entries are skipped undecoded.
@@ -92,6 +93,7 @@ def read_flax_entries(url: str, keys, what: str) -> dict:
         raise InputError(f"{where}: msgpack extension type {code} is not a Flax array")
 
     found: dict = {}
+    names: list[str] = []
     try:
         with fsspec.open(url, "rb") as fh:
             unpacker = msgpack.Unpacker(
@@ -104,6 +106,7 @@ def read_flax_entries(url: str, keys, what: str) -> dict:
                 if not isinstance(key, str):
                     raise InputError(f"{where}: a top-level key is not a name ({type(key).__name__}); not a "
                                      "Flax msgpack checkpoint")
+                names.append(key)
                 if key in keys and key not in found:
                     found[key] = unpacker.unpack()
                     _check_tree(found[key], where)
@@ -128,4 +131,4 @@ def read_flax_entries(url: str, keys, what: str) -> dict:
         raise InputError(f"{where}: cannot read ({e})") from None
     if trailing:
         raise InputError(f"{where}: bytes follow the checkpoint's top-level map; not a Flax msgpack checkpoint")
-    return found
+    return found, names

@@ -28,7 +28,7 @@ PRESETS = {
     "cifar10-cd": {"image_size": 32, "num_channels": 3, "nf": 128, "ch_mult": [2, 2, 2], "num_res_blocks": 4,
                    "attn_resolutions": [16], "dropout": 0.0, "fourier_scale": 16.0, "fir_kernel": [1, 3, 3, 1]},
 }
-LIST_KEYS = ("ch_mult", "attn_resolutions", "fir_kernel")
+LIST_KEYS = ("ch_mult", "attn_resolutions")
 OPTIONS = {
     "preset": f"architecture preset: {', '.join(PRESETS)} (default; the released CIFAR-10 CD/CT network)",
     "params": "which weights: params_ema (default, what jcm's sampler uses) or params",
@@ -51,8 +51,8 @@ def _parse_override(key: str, text: str, what: str):
             return [] if text.strip().lower() in ("", "none") else [int(v) for v in text.split(",")]
         return float(text) if key == "dropout" else int(text)
     except ValueError:
-        raise InputError(f"{what}: --set {key}={text!r} is not a number{' list (e.g. 2,2,2)' if key in LIST_KEYS else ''}"
-                         ) from None
+        expected = "a list of integers such as 2,2,2" if key in LIST_KEYS else "a number"
+        raise InputError(f"{what}: --set {key}={text!r} is not {expected}") from None
 
 
 def flatten(tree: dict, what: str, prefix: str = "") -> dict[str, np.ndarray]:
@@ -125,10 +125,11 @@ def convert(source: str, options: dict, what: str) -> Converted:
     grid_steps = get_int({"grid_steps": _parse_override("grid_steps", options.get("grid_steps", "18"), what)},
                          "grid_steps", what, 2, 10_000)
 
-    entries = read_flax_entries(source, set(WEIGHT_CHOICES), what)
+    entries, names = read_flax_entries(source, {choice}, what)
     if choice not in entries:
-        has = f"it has only {', '.join(entries)}" if entries else "neither params_ema nor params"
-        raise InputError(f"{what}: the checkpoint has no {choice!r} entry ({has}); is it a jcm training checkpoint?")
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise InputError(f"{what}: the checkpoint has no {choice!r} entry (its entries: {shown or 'none'}); is it "
+                         "a jcm training checkpoint?")
     tree = entries[choice]
     if not isinstance(tree, dict) or not tree:
         raise InputError(f"{what}: {choice} is empty or not a parameter tree")
