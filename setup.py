@@ -15,6 +15,8 @@ setup(
         "cpcluster",
         "cpcluster.cli",
         "cpcluster.models",
+        "cpcluster.models.archs",
+        "cpcluster.convert",
         "cpcluster.demo",
         "cpcluster.jobs",
         "cpcluster.sharding",
@@ -45,6 +47,7 @@ setup(
     extras_require={
         "diffusers": ["diffusers>=0.25"],
         "timm": ["timm>=0.9"],
+        "convert": ["msgpack>=1.0"],  # cpcluster convert flax-ncsnpp (Flax checkpoints, read without jax)
         "test": ["pytest>=7", "hypothesis>=6", "statsmodels>=0.14"],
     },
     entry_points={"console_scripts": ["cpcluster=cpcluster.cli:main"]},

@@ -23,6 +23,7 @@ from cpcluster.errors import InputError
 CONVERTERS: dict[str, str] = {
     "openai-unet": "cpcluster.convert.openai_unet",
     "edm-pickle": "cpcluster.convert.edm_pickle",
+    "flax-ncsnpp": "cpcluster.convert.flax_ncsnpp",
 }
 
 

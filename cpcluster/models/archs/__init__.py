@@ -25,6 +25,7 @@ ARCHITECTURES: dict[str, str] = {
     "demo-unet": "cpcluster.models.archs.demo_unet",
     "openai-unet": "cpcluster.models.archs.openai_unet",
     "edm-precond": "cpcluster.models.archs.edm_precond",
+    "ncsnpp": "cpcluster.models.archs.ncsnpp",
 }
 
 
