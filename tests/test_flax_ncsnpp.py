@@ -204,3 +204,30 @@ def test_convert_list_and_cli_report(tmp_path):
     res = CliRunner().invoke(main, ["convert", "flax-ncsnpp", CHECKPOINT, str(tmp_path / "n40"),
                                     "--set", "grid_steps=40"])
     assert res.exit_code == 0 and load_denoiser(f"net:{tmp_path / 'n40'}").meta["grid_steps"] == 40
+
+
+def test_edm_preset_is_jcms_edm_denoiser_through_onestep_edm_and_pf_ode(reference, tmp_path):
+    """preset=cifar10-edm (the teacher edm_cifar10_ema, the paper's onestep-EDM / PF-ODE EDM network): onestep-edm at
+    sigma gives jcm's get_denoiser_fn at t = 2 sigma, c_skip x + c_out F(c_in x, 0.25 ln t) with sigma_data 0.5.
+
+    The reference D is derived from jcm's own distiller output alone: both apply the same network F to the same
+    input (c_in x_t, 0.25 ln t) and differ only in the outer scalings, so F = (distiller - c_skip' x) / c_out'.
+    """
+    from cpcluster.models.purifiers import build_purifier
+
+    run_conversion("flax-ncsnpp", CHECKPOINT, str(tmp_path / "edm"), ["preset=cifar10-edm"])
+    den = load_denoiser(f"net:{tmp_path / 'edm'}")
+    assert (den.kind, den.meta["c_noise"], den.meta["preconditioned"], den.meta["sigma_data"],
+            den.meta["grid_steps"]) == ("edm", "jax", False, 0.5, None)
+    sd, eps = 0.5, 0.002
+    for x_t, t, distiller in list(zip(reference["x_t"], reference["times"], reference["distiller"]))[1:4]:
+        t = float(t)
+        f = (distiller - sd**2 / ((t - eps) ** 2 + sd**2) * x_t) / ((t - eps) * sd / np.sqrt(sd**2 + t**2))
+        expected = sd**2 / (t**2 + sd**2) * x_t + t * sd / np.sqrt(t**2 + sd**2) * f
+        expected = np.clip((expected + 1) / 2, 0, 1).astype(np.float32)
+        noisy = nchw((x_t + 1) / 2)  # pixel space: the purifier maps it back to x_t = 2 noisy - 1
+        with torch.no_grad():
+            one = build_purifier("onestep-edm", den, t / 2, time_rule="exact")(noisy)
+            euler = build_purifier("pf-ode", den, t / 2, time_rule="exact", steps=1, solver="euler")(noisy)
+        assert torch.allclose(one, nchw(expected), atol=1e-5, rtol=0), (t, (one - nchw(expected)).abs().max())
+        assert torch.allclose(euler, one, atol=1e-6, rtol=0)

@@ -21,18 +21,29 @@ from cpcluster.convert import Converted
 from cpcluster.convert.flax_msgpack import read_flax_entries
 from cpcluster.errors import InputError
 
-DESCRIPTION = ("JAX/Flax consistency model of openai/consistency_models_cifar10 (jcm msgpack checkpoint, e.g. "
-               "cd-lpips/checkpoints/checkpoint_80) -> architecture ncsnpp, c_noise jax")
+DESCRIPTION = ("JAX/Flax model of openai/consistency_models_cifar10 (jcm msgpack checkpoint: cd-lpips/checkpoints/"
+               "checkpoint_80, or the EDM teacher edm_cifar10_ema with preset=cifar10-edm) -> architecture ncsnpp")
 PRESETS = {
     # configs/cifar10_ve_cd.py (the CT configs share every key here except dropout, which only matters in training)
     "cifar10-cd": {"image_size": 32, "num_channels": 3, "nf": 128, "ch_mult": [2, 2, 2], "num_res_blocks": 4,
                    "attn_resolutions": [16], "dropout": 0.0, "fourier_scale": 16.0, "fir_kernel": [1, 3, 3, 1]},
+    # configs/cifar10_k_ve.py: the EDM teacher (edm_cifar10_ema) the CD models were distilled from; same network
+    "cifar10-edm": {"image_size": 32, "num_channels": 3, "nf": 128, "ch_mult": [2, 2, 2], "num_res_blocks": 4,
+                    "attn_resolutions": [16], "dropout": 0.13, "fourier_scale": 16.0, "fir_kernel": [1, 3, 3, 1]},
+}
+# What each preset's network is: the CD/CT models are consistency functions on the 18-point grid; the EDM teacher is
+# an EDM denoiser D = c_skip x + c_out F(c_in x, 0.25 ln t) with sigma_data 0.5 (jcm's get_denoiser_fn), continuous
+# in t (no grid: purify with --time exact).
+PRESET_META = {
+    "cifar10-cd": {"kind": "consistency", "c_noise": "jax", "num_classes": None},
+    "cifar10-edm": {"kind": "edm", "c_noise": "jax", "preconditioned": False, "sigma_data": 0.5, "num_classes": None},
 }
 LIST_KEYS = ("ch_mult", "attn_resolutions")
 OPTIONS = {
-    "preset": f"architecture preset: {', '.join(PRESETS)} (default; the released CIFAR-10 CD/CT network)",
+    "preset": "cifar10-cd (default: the released CIFAR-10 CD/CT consistency models) or cifar10-edm (the EDM "
+              "teacher edm_cifar10_ema, for the onestep-EDM and PF-ODE EDM rows)",
     "params": "which weights: params_ema (default, what jcm's sampler uses) or params",
-    "grid_steps": "N of the training time grid (default 18, the CIFAR-10 CD/CT models)",
+    "grid_steps": "N of the training time grid (default 18 for the CD/CT models; none for the EDM teacher)",
     "image_size": "override: image side in pixels (attention sits at fixed resolutions)",
     "nf": "override: base channels (read off Conv_0 when not given)",
     "num_channels": "override: image channels (read off Conv_0 when not given)",
@@ -122,8 +133,10 @@ def convert(source: str, options: dict, what: str) -> Converted:
     choice = options.get("params", "params_ema")
     if choice not in WEIGHT_CHOICES:
         raise InputError(f"{what}: --set params={choice!r}; use params_ema or params")
-    grid_steps = get_int({"grid_steps": _parse_override("grid_steps", options.get("grid_steps", "18"), what)},
-                         "grid_steps", what, 2, 10_000)
+    default_grid = "18" if PRESET_META[preset_name]["kind"] == "consistency" else None
+    grid_text = options.get("grid_steps", default_grid)
+    grid_steps = None if grid_text is None else get_int(
+        {"grid_steps": _parse_override("grid_steps", grid_text, what)}, "grid_steps", what, 2, 10_000)
 
     entries, names = read_flax_entries(source, {choice}, what)
     if choice not in entries:
@@ -153,6 +166,6 @@ def convert(source: str, options: dict, what: str) -> Converted:
              + (", ".join(f"{k}={v}" for k, v in inferred.items()) or "nothing")]
     if overrides:
         notes.append("overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
-    meta = {"kind": "consistency", "c_noise": "jax", "grid_steps": grid_steps, "num_classes": None}
+    meta = {**PRESET_META[preset_name], "grid_steps": grid_steps}
     return Converted(state=state, architecture="ncsnpp", arch_config=config, meta=meta, notes=notes,
                      source_info={"weights": choice, "preset": preset_name})
