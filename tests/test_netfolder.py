@@ -92,3 +92,14 @@ def test_diffusers_config_asking_for_an_absurd_network_is_refused_before_buildin
         json.dump(cfg, fh)
     with pytest.raises(InputError, match="layers_per_block"):
         load_denoiser(f"diffusers:{folder}")
+
+
+def test_convert_refuses_a_source_that_is_not_a_regular_file(tmp_path):
+    from cpcluster.convert import run_conversion
+
+    fifo = tmp_path / "checkpoint_80"
+    os.mkfifo(fifo)  # reading it would block forever
+    for source in (fifo, tmp_path):
+        with pytest.raises(InputError, match="is not a regular file"):
+            run_conversion("flax-ncsnpp", str(source), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
