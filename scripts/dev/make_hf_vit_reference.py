@@ -29,6 +29,11 @@ Cases:
 ``vit-b16-layout.json``: ``ViTConfig()`` (transformers' defaults: ViT-B/16 at 224) with 10 labels, as ``config.json``
 would hold it, and the ``[name, shape]`` list of that ``ViTForImageClassification``'s state_dict, built on the meta
 device (nothing allocated).
+
+``--full-size DIR`` (not for the repository: 2 x 343 MB) also writes the released folder's layout at full size into
+``DIR/vit-b16-cifar10`` (``ViTConfig()`` with the ten CIFAR-10 labels, random weights, both weight files, the legacy
+processor with size 224) and ``DIR/vit-b16-cifar10.npz`` for two 32x32 images resized to 224 by the processor: the
+CIFAR-10 route at the real size, for a check by hand (see tests/data/hf_vit/README.md).
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(z / np.sqrt(p[0].numel()))
 
 
-def make_case(name: str, case: dict, out_dir: str) -> None:
+def make_case(name: str, case: dict, out_dir: str, processor_size: int | None = None) -> None:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     folder = os.path.join(out_dir, name)
@@ -83,7 +88,8 @@ def make_case(name: str, case: dict, out_dir: str) -> None:
         os.rmdir(folder + ".bin-tmp")
     if case["processor"] is None:
         with open(os.path.join(folder, "preprocessor_config.json"), "w") as fh:
-            json.dump(LEGACY_PROCESSOR, fh, indent=2, sort_keys=True)
+            json.dump({**LEGACY_PROCESSOR, "size": processor_size or LEGACY_PROCESSOR["size"]}, fh, indent=2,
+                      sort_keys=True)
             fh.write("\n")
     else:
         ViTImageProcessor(**case["processor"]).save_pretrained(folder)
@@ -118,12 +124,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="output folder (tests/data/hf_vit)")
+    parser.add_argument("--full-size", metavar="DIR", help="also write the full-size ViT-B/16 check into DIR")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     for name, case in CASES.items():
         make_case(name, case, args.out)
     full_size_layout(args.out)
+    if args.full_size:
+        config = {k: v for k, v in CASES["vit-cifar10"]["config"].items() if k in ("id2label", "label2id")}
+        make_case("vit-b16-cifar10", dict(config=config, processor=None, bin=True, batch=2, seed=3), args.full_size,
+                  processor_size=224)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 
