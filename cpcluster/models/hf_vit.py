@@ -15,11 +15,14 @@ then ``(x - image_mean) / image_std``); spec options (:mod:`cpcluster.models.tra
 
 Difference from transformers' processor: it resizes the *uint8* image with PIL and rounds the result to uint8
 before ``/ 255``; cpcluster resizes the float pixel-space tensor with ``F.interpolate`` (align_corners=False,
-antialias) and does not round. For upsampling (CIFAR-10 32 -> 224) the bilinear weights are the same, so the inputs
-differ by the rounding, at most 0.5/255 in [0, 1] (tests/test_hf_vit.py measures it); PIL's bicubic kernel
-(a = -0.5) differs from torch's (a = -0.75). Carlini et al.'s code does not use the processor at all: it feeds the
-[-1, 1] purified image resized by ``F.interpolate(..., (224, 224), mode="bicubic", antialias=True)`` -- that is
-``?interp=bicubic`` here (mean = std = 0.5 maps [0, 1] to [-1, 1]).
+antialias) and does not round. For upsampling (CIFAR-10 32 -> 224) the bilinear weights are the same (equal to PIL's
+float resize), so the inputs differ only by PIL's rounding after each of its two passes: at most 1/255 in [0, 1]
+(tests/test_hf_vit.py). PIL's bicubic kernel (a = -0.5) differs from torch's (a = -0.75), and PIL's nearest picks
+pixel centres (torch's ``nearest`` agrees for integer upscaling factors only). Carlini et al.'s code does not use
+the processor at all: it feeds the [-1, 1] purified image resized by ``F.interpolate(..., (224, 224),
+mode="bicubic", antialias=True)`` -- that is ``?interp=bicubic`` here (mean = std = 0.5 maps [0, 1] to [-1, 1]).
+
+The loaded module takes pixel space (B, C, H, W) in [0, 1] and returns logits (B, num_labels).
 """
 from __future__ import annotations
 
