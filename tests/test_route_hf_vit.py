@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
 from hf_vit_files import DATA, copy_folder
-from routes import certify_and_aggregate, cli
+from routes import certify_and_aggregate, cli, write_cifar_batch
 from unet_files import CM_SCHEDULER, save_unet
 
 torch.set_num_threads(1)
@@ -28,12 +28,7 @@ VIT = f"hf-vit:{DATA}/vit-cifar10"
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    y = np.array([3, 1, 4, 1], dtype=np.uint8)
-    os.makedirs(root / "cifar-10-batches-bin")
-    (root / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(
-        np.concatenate([y[:, None], x.reshape(4, -1)], axis=1).tobytes())
+    write_cifar_batch(root)
     return f"cifar10:{root}"
 
 
