@@ -67,6 +67,9 @@ def load_models(config: CertifyConfig) -> Models:
     if classifier.num_classes != dataset.num_classes:
         raise InputError(f"--classifier {config.classifier} has {classifier.num_classes} classes but --dataset "
                          f"{config.dataset} has {dataset.num_classes}")
+    problem = classifier.size_problem(dataset.shape[1:])
+    if problem:
+        raise InputError(f"--classifier {config.classifier}: {problem}")
     return Models(dataset, denoiser, classifier)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 
@@ -21,6 +22,16 @@ def cli(*args: str) -> str:
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == 0, f"cpcluster {' '.join(map(str, args))}\n{res.output}"
     return res.output
+
+
+def write_cifar_batch(root, labels=(3, 1, 4, 1), seed: int = 0) -> np.ndarray:
+    """``root/cifar-10-batches-bin/test_batch.bin`` (CIFAR-10's binary format) of random 3x32x32 images with these
+    labels; returns the images (N, 3, 32, 32) uint8. ``cifar10:ROOT`` reads it."""
+    x = np.random.default_rng(seed).integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+    os.makedirs(os.path.join(root, "cifar-10-batches-bin"))
+    with open(os.path.join(root, "cifar-10-batches-bin", "test_batch.bin"), "wb") as fh:
+        fh.write(np.concatenate([np.asarray(labels, np.uint8)[:, None], x.reshape(len(labels), -1)], axis=1).tobytes())
+    return x
 
 
 def finetune_two_ranks(model: str, out: str, data: str = "demo:train", eval_data: str = "demo",

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
 from edm_files import write_edm_pickle
+from routes import write_cifar_batch
 from test_models_e2e import CLASSIFIER
 
 torch.set_num_threads(1)
@@ -32,12 +33,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("edm-route")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    y = np.array([3, 1, 4, 1], dtype=np.uint8)
-    os.makedirs(root / "cifar-10-batches-bin")
-    (root / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(
-        np.concatenate([y[:, None], x.reshape(4, -1)], axis=1).tobytes())
+    write_cifar_batch(root)
     pkl = write_edm_pickle(str(root / "edm-cifar10-32x32-cond-vp.pkl"), "ddpmpp-cond")
     converted = cli("convert", "edm-pickle", pkl, root / "edm-net")
     assert converted.exit_code == 0, converted.output

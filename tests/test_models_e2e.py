@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
+from routes import write_cifar_batch
 from unet_files import DDPM_SCHEDULER, save_unet
 
 pytest.importorskip("cpcluster.cli.certify_cmd")
@@ -23,12 +24,8 @@ CLASSIFIER = "timm:resnet18?num_classes=10&mean=cifar10&quantize=uint8"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     y = np.array([3, 1, 4, 1, 5, 9])
-    os.makedirs(root / "cifar-10-batches-bin")
-    rec = np.concatenate([y.astype(np.uint8)[:, None], x.reshape(6, -1)], axis=1)
-    (root / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(rec.tobytes())
+    x = write_cifar_batch(root, y)
     small = dict(sample_size=32, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     cm = save_unet(str(root / "cd_cifar10"), cpcluster={"kind": "consistency", "grid_steps": 18}, **small)
     ddpm = save_unet(str(root / "ddpm_cifar10"), seed=1, scheduler=DDPM_SCHEDULER, **small)

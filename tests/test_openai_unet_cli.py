@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,6 +15,7 @@ from click.testing import CliRunner
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
 from openai_unet_files import set_args, write_pt
+from routes import write_cifar_batch
 
 torch.set_num_threads(1)
 CLASSIFIER = "timm:resnet18?num_classes=10&mean=cifar10&quantize=uint8"
@@ -29,12 +28,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    y = np.array([3, 1, 4, 1], dtype=np.uint8)
-    os.makedirs(root / "cifar-10-batches-bin")
-    (root / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(
-        np.concatenate([y[:, None], x.reshape(4, -1)], axis=1).tobytes())
+    write_cifar_batch(root)
     return str(root)
 
 

@@ -76,6 +76,9 @@ def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, si
         channels = den.meta.get("in_channels") if den is not None else None
         if channels and data.shape and channels != data.shape[0]:
             problems.append(f"dataset images have {data.shape[0]} channels but the denoiser takes {channels}")
+        size = clf.size_problem(data.shape[1:])
+        if size:
+            problems.append(size)
     else:
         report["dataset"] = None
     return report

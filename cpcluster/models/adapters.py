@@ -21,6 +21,8 @@ Classifier specs (``--classifier``), each with the transform options of :mod:`cp
   checkpoint the weights are random (recorded as ``random_init``).
 * ``torchscript:FILE``, ``python:MODULE:FACTORY[:WEIGHTS]`` -- ``num_classes=K`` unless the module has a
   ``num_classes`` attribute.
+* ``hf-vit:DIR`` -- a transformers ``ViTForImageClassification`` folder as released on the Hugging Face hub, run
+  as a timm ViT; the transform defaults to its ``preprocessor_config.json`` (:mod:`cpcluster.models.hf_vit`).
 
 Weights are read only through safetensors or ``torch.load(weights_only=True)``; their sha256 is recorded.
 """

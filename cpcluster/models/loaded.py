@@ -43,17 +43,41 @@ class LoadedDenoiser:
 
 @dataclass
 class LoadedClassifier:
-    """``module(x)``: pixel-space (B, C, H, W) in [0, 1] -> logits (B, num_classes); transform is inside."""
+    """``module(x)``: pixel-space (B, C, H, W) in [0, 1] -> logits (B, num_classes); transform is inside.
+
+    architecture : for classifiers cpcluster builds itself from a foreign format (``hf-vit:``), what it built
+           (``{"timm": class, "kwargs": ..., "input_size": [H, W], ...}``); None otherwise. It goes into the run
+           config only when set, so the configs of other classifiers are unchanged.
+    """
 
     module: nn.Module
     num_classes: int
     spec: str = ""
     sha256: str | None = None
     transform: dict = field(default_factory=dict)
+    architecture: dict | None = None
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes,
-                "transform": self.transform}
+        out = {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes, "transform": self.transform}
+        if self.architecture is not None:
+            out["architecture"] = self.architecture
+        return out
+
+    def size_problem(self, image_hw) -> str | None:
+        """Why pixel-space images of size ``image_hw`` (H, W) cannot reach the network, or None.
+
+        Only for networks with a fixed input size (``architecture["input_size"]``): the transform's resize, or the
+        images themselves when there is none, must produce that size.
+        """
+        need = (self.architecture or {}).get("input_size")
+        if not need:
+            return None
+        size = tuple(self.transform.get("resize") or image_hw)
+        if size == tuple(need):
+            return None
+        how = "the transform resizes them to" if self.transform.get("resize") else "they reach it unresized at"
+        return (f"the classifier takes {need[0]}x{need[1]} images but {how} {size[0]}x{size[1]}; "
+                f"add resize={need[0]} to its spec options")
 
 
 @dataclass

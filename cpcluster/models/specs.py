@@ -2,8 +2,8 @@
 
 A spec is ``KIND`` or ``KIND:ARGUMENT``, e.g. ``demo``, ``demo-random``, ``python:my.module:factory``,
 ``torchscript:/ckpt/model.pt``, ``diffusers:/ckpt/cd_imagenet64_lpips``, ``timm:resnet50:/ckpt/r50.safetensors``,
-``cifar10:/data/cifar-10-batches-py``, ``npz:/data/val.npz``. Loaders raise :class:`InputError` naming the spec
-and the fix. Adapter modules register more kinds with :func:`register`.
+``hf-vit:/ckpt/vit-cifar10``, ``cifar10:/data/cifar-10-batches-py``, ``npz:/data/val.npz``. Loaders raise
+:class:`InputError` naming the spec and the fix. Adapter modules register more kinds with :func:`register`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _ensure_adapters() -> None:
     import importlib.util
 
     for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned",
-                 "cpcluster.models.netfolder"):
+                 "cpcluster.models.netfolder", "cpcluster.models.hf_vit"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
 

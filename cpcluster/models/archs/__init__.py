@@ -48,18 +48,23 @@ def first_mismatch(module: nn.Module, state: dict) -> str | None:
     Checked in the module's own key order: a tensor the module needs that ``state`` lacks, then tensors of the wrong
     shape, then tensors ``state`` has that the module does not know.
     """
-    own = module.state_dict(keep_vars=True)
-    for key, tensor in own.items():
+    return first_shape_mismatch({k: tuple(t.shape) for k, t in module.state_dict(keep_vars=True).items()}, state)
+
+
+def first_shape_mismatch(expected: dict, state: dict, where: str = "the architecture") -> str | None:
+    """:func:`first_mismatch` against a layout ``{name: shape}`` (in its order) instead of a module; ``where`` names
+    what the layout belongs to in the message."""
+    for key, shape in expected.items():
         if key not in state:
-            return f"tensor {key!r} {tuple(tensor.shape)} is missing"
+            return f"tensor {key!r} {tuple(shape)} is missing"
         got = state[key]
         if not isinstance(got, torch.Tensor):
             return f"tensor {key!r} is not a tensor"
-        if tuple(got.shape) != tuple(tensor.shape):
-            return f"tensor {key!r} has shape {tuple(got.shape)}, the architecture needs {tuple(tensor.shape)}"
-    extra = [k for k in state if k not in own]
+        if tuple(got.shape) != tuple(shape):
+            return f"tensor {key!r} has shape {tuple(got.shape)}, {where} needs {tuple(shape)}"
+    extra = [k for k in state if k not in expected]
     if extra:
-        return f"tensor {extra[0]!r} is not part of the architecture ({len(extra)} such tensor(s))"
+        return f"tensor {extra[0]!r} is not part of {where} ({len(extra)} such tensor(s))"
     return None
 
 
