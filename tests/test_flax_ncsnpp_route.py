@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cpcluster.cli import main
 from cpcluster.shards import read_shard
+from routes import write_cifar_batch
 
 torch.set_num_threads(1)
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "flax_ncsnpp", "checkpoint_80")
@@ -29,12 +30,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("route")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
-    y = np.array([3, 1, 4, 1])
-    os.makedirs(root / "cifar-10-batches-bin")
-    record = np.concatenate([y.astype(np.uint8)[:, None], x.reshape(4, -1)], axis=1)
-    (root / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(record.tobytes())
+    write_cifar_batch(root)
     net = root / "cd_cifar10"
     res = invoke("convert", "flax-ncsnpp", CHECKPOINT, net)
     assert res.exit_code == 0, res.output
