@@ -140,6 +140,22 @@ def test_device_files_and_fifos_are_refused_as_configs_weights_and_images(tmp_pa
     assert isinstance(err, InputError) and "1.png" in str(err) and "character device" in str(err)
 
 
+def test_fifos_and_devices_named_like_shards_or_journals_are_refused(tmp_path):
+    from cpcluster.shards import read_journal, read_shard
+
+    os.mkfifo(tmp_path / "shard-00000-of-00001.h5")
+    err = run_with_timeout(lambda: read_shard(str(tmp_path / "shard-00000-of-00001.h5")))
+    assert isinstance(err, InputError) and "FIFO" in str(err)
+    res = []
+    err = run_with_timeout(lambda: res.append(cli("aggregate", tmp_path / "shard-*.h5", "--out", tmp_path / "a")))
+    assert err is None
+    one_error_line(res[0], "shard-00000-of-00001.h5", "FIFO")
+    assert not (tmp_path / "a").exists()
+    os.symlink("/dev/null", tmp_path / "shard-00000-of-00001.h5.journal")
+    err = run_with_timeout(lambda: read_journal(str(tmp_path / "shard-00000-of-00001.h5.journal")))
+    assert isinstance(err, InputError) and "character device" in str(err)
+
+
 def test_npz_header_claiming_tebibytes_is_refused_before_allocating(tmp_path):
     np.savez(tmp_path / "val_data.npz", data=np.zeros((2, 12288), np.uint8), labels=np.array([1, 2]))
     with zipfile.ZipFile(tmp_path / "val_data.npz") as z:
