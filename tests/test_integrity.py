@@ -110,6 +110,15 @@ def test_units_of_images_outside_the_run_are_refused(run_dir):
     assert status["shards"][4]["state"] == "failed"
 
 
+def test_memory_output_is_refused_when_jobs_run_in_other_processes(tmp_path):
+    for executor in ("local", "slurm"):
+        res = cli("certify", *SMALL, "--sigma", "0.5", "--executor", executor, "--out", "memory://cp-results")
+        one_error_line(res, "--out memory://cp-results", "other processes")
+    res = cli("finetune", "--model", "demo-random", "--data", "demo:train", "--out", "memory://ft",
+              "--lpips-random-backbone", "--lpips-net", "alex", "--executor", "local")
+    one_error_line(res, "--out memory://ft")
+
+
 def test_disk_full_during_certify_names_the_cause_and_keeps_the_recorded_units(run_dir, monkeypatch):
     make_partial(run_dir, 2, units=1)
     real, calls = os.fsync, []

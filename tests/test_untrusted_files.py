@@ -186,3 +186,28 @@ def test_decompression_bomb_in_an_image_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="5000x5000 pixels") as e:
         load_dataset(f"folder:{tmp_path}/imgs")
     assert "big.png" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("time_embedding_dim", 10**9), ("num_train_timesteps", 10**12),
+                                        ("attention_head_dim", 10**9), ("norm_num_groups", 0),
+                                        ("layers_per_block", 10**6)])
+def test_diffusers_config_asking_for_an_absurd_network_is_refused(tmp_path, key, value):
+    from unet_files import CM_SCHEDULER, save_unet
+
+    folder = save_unet(str(tmp_path / "unet"), scheduler=CM_SCHEDULER)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config[key] = value
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(InputError, match=f"architecture config {key}="):
+        load_denoiser(f"diffusers:{folder}")
+
+
+@pytest.mark.parametrize("sidecar, message", [({"kind": "consistency", "grid_steps": 10**12}, "grid_steps=1000000000000 must be <="),
+                                              ({"kind": "ddpm", "timesteps": 10**10}, "timesteps=10000000000"),
+                                              ({"kind": "ddpm", "betas": "abc"}, "betas must be a list")])
+def test_metadata_asking_for_huge_schedules_is_refused(tmp_path, sidecar, message):
+    from unet_files import save_unet
+
+    folder = save_unet(str(tmp_path / "unet"), cpcluster=sidecar)
+    with pytest.raises(InputError, match=message):
+        load_denoiser(f"diffusers:{folder}")
