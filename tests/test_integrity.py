@@ -174,3 +174,38 @@ def test_stray_temporary_from_a_kill_during_finish_is_removed(run_dir):
     assert res.exit_code == 0, res.output
     assert not os.path.exists(stray) and not os.path.exists(journal)
     assert counts_of(shard_path(run_dir, 1)) == (shard.units.tolist(), shard.counts.tolist())
+
+
+def test_diverged_fine_tuning_exports_nothing(tmp_path):
+    from test_finetune import tiny
+
+    from cpcluster.jobs.finetune import Diverged, FinetuneJob
+
+    with pytest.raises(InputError, match="--lr inf: must be a positive finite number"):
+        tiny(tmp_path / "a", lr=float("inf"))
+    cfg = tiny(tmp_path / "b", lr=1e30, loss="l2", eval_images=0, grad_clip=0)
+    with pytest.raises(Diverged, match="training diverged"):
+        FinetuneJob(cfg)()
+    assert not os.path.exists(tmp_path / "b" / "final")
+    res = cli("finetune", "--model", "demo-random", "--data", "demo:train", "--out", tmp_path / "c", "--lr", "inf",
+              "--loss", "l2", "--eval-images", "0", "--executor", "debug")
+    one_error_line(res, "--lr inf")
+
+
+def test_networks_with_non_finite_weights_are_refused_by_inspect_and_certify(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from unet_files import CM_SCHEDULER, save_unet
+
+    folder = save_unet(str(tmp_path / "unet"), scheduler=CM_SCHEDULER)
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    state = load_file(weights)
+    name = sorted(state)[3]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, weights)
+    spec = f"diffusers:{folder}"
+    one_error_line(cli("inspect", "--denoiser", spec, "--dataset", ""), "NaN or infinite", name)
+    res = cli("certify", *SMALL[2:], "--denoiser", spec, "--sigma", "0.5",
+              "--executor", "debug", "--out", tmp_path / "out")
+    one_error_line(res, "NaN or infinite")
+    assert not (tmp_path / "out").exists()

@@ -47,7 +47,22 @@ def _load(table: str, spec: str):
         raise InputError(f"--{table} {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(sorted(loaders))}")
     loaded = loaders[kind](argument)
     loaded.spec = spec
+    if table != "dataset":
+        check_finite(loaded.module, f"--{table} {spec}")
     return loaded
+
+
+def check_finite(module, what: str) -> None:
+    """InputError when a parameter of ``module`` holds NaN or inf, or a buffer holds NaN (a diverged training run
+    or a damaged checkpoint would otherwise certify with garbage); buffers may hold inf on purpose (masks)."""
+    import torch
+
+    for kind, tensors in (("weight", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in tensors:
+            if t.is_floating_point() and not t.is_meta and not (
+                    torch.isfinite(t).all() if kind == "weight" else ~torch.isnan(t).any()):
+                raise InputError(f"{what}: {kind} {name!r} holds NaN or infinite values; the network is broken "
+                                 "(a diverged training run or a damaged file), refusing to use it")
 
 
 def load_denoiser(spec: str) -> LoadedDenoiser:
