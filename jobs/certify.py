@@ -283,19 +283,36 @@ def _ensure_log_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
+USAGE = "usage: python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX [--denoiser SPEC] [--classifier SPEC]"
+
+
 def main(argv=None) -> int:
-    """``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX``: run one shard of a prepared run by hand."""
+    """``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX``: run one shard of a prepared run by hand.
+
+    The run is rebuilt from ``RUN_DIR/run.json``; a recorded spec that runs code when loaded must be repeated with
+    ``--denoiser`` / ``--classifier`` (:func:`cpcluster.models.specs.confirm_recorded_specs`).
+    """
+    from cpcluster.models.specs import confirm_recorded_specs
     from cpcluster.runs import read_run
 
     args = list(sys.argv[1:] if argv is None else argv)
+    given = {}
+    while len(args) > 2 and args[-2] in ("--denoiser", "--classifier"):
+        given[args[-2]] = args[-1]
+        del args[-2:]
     if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         record = read_run(args[0])
         if record is None:
             raise InputError(f"{args[0]}: no run.json; prepare the run with `cpcluster certify` first")
-        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
+        try:
+            config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{args[0]}/run.json: its certify config cannot be read ({e})") from None
+        confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier}, given,
+                               f"{args[0]}/run.json")
         print(CertifyShardJob(config, int(args[1]))())
     except InputError as e:
         print(f"Error: {e}", file=sys.stderr)

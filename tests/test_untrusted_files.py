@@ -54,6 +54,33 @@ def probe_module(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
+def test_resubmit_never_imports_code_named_only_by_run_json(tmp_path, probe_module):
+    from cpcluster.jobs.certify import main as shard_main
+
+    spec, marker = probe_module
+    out = tmp_path / "out"
+    res = cli("certify", *SMALL, "--classifier", spec, "--sigma", "0.5", "--shards", "2", "--executor", "debug",
+              "--out", out, "--name", "run")
+    assert res.exit_code == 0, res.output
+    run_dir = out / "run"
+    os.remove(run_dir / "shard-00001-of-00002.h5")
+    sys.modules.pop(spec.split(":")[1])
+    marker.unlink()
+
+    for extra in ((), ("--dry-run",)):
+        line = one_error_line(cli("resubmit", run_dir, "--executor", "debug", *extra), "run.json",
+                              f"--classifier '{spec}'")
+        assert "runs code" in line
+    one_error_line(cli("resubmit", run_dir, "--executor", "debug", "--classifier", "python:other:make"),
+                   "differs from")
+    assert shard_main([str(run_dir), "1"]) == 2
+    assert not marker.exists(), "a spec read from run.json was imported"
+
+    res = cli("resubmit", run_dir, "--executor", "debug", "--classifier", spec)
+    assert res.exit_code == 0 and "(2 of 2 complete)" in res.output, res.output
+    assert marker.exists()
+
+
 def write_torchscript_probe(path):
     """A scripted classifier whose ``__setstate__`` prints a marker: code that runs when the archive is loaded."""
     import torch
@@ -78,6 +105,19 @@ def write_torchscript_probe(path):
             self.training = state[1]
 
     torch.jit.script(Probe()).save(str(path))
+
+
+def test_inspect_loads_torchscript_only_when_asked(tmp_path, capfd):
+    write_torchscript_probe(tmp_path / "probe.pt")
+    spec = f"torchscript:{tmp_path}/probe.pt?num_classes=10"
+    res = cli("inspect", "--classifier", spec, "--dataset", "")
+    one_error_line(res, "--load-torchscript")
+    assert "CPC-PROBE-SETSTATE-RAN" not in res.output + capfd.readouterr().out
+    res = cli("inspect", "--classifier", spec, "--dataset", "", "--load-torchscript")
+    assert res.exit_code == 0, res.output
+    assert "CPC-PROBE-SETSTATE-RAN" in res.output + capfd.readouterr().out  # the code that the flag warns about
+    help_text = cli("inspect", "--help").output
+    assert "Nothing runs" not in help_text and "--load-torchscript" in help_text
 
 
 # --------------------------------------------------------------------------------------- resource exhaustion

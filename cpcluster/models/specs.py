@@ -79,6 +79,37 @@ def load_dataset(spec: str) -> ImageDataset:
     return _load("dataset", spec)
 
 
+# Spec kinds whose loading runs code that the spec names or the file holds: python: imports MODULE and calls
+# FACTORY; torchscript: deserialising an archive runs its TorchScript code (__setstate__ methods).
+CODE_KINDS = ("python", "torchscript")
+
+
+def runs_code(spec) -> bool:
+    """Whether loading ``spec`` runs code it names or holds (its kind is in :data:`CODE_KINDS`)."""
+    return isinstance(spec, str) and spec.partition(":")[0] in CODE_KINDS
+
+
+def confirm_recorded_specs(recorded: dict, given: dict, source: str) -> None:
+    """Check the specs a run recorded in a file (``source``, e.g. its ``run.json``) before they are loaded again.
+
+    ``recorded`` and ``given`` map an option (``"--classifier"``) to a spec or None; ``given`` holds what the user
+    typed on this command line. A file may name data and weights, never code to run: a recorded spec of a kind in
+    :data:`CODE_KINDS` is refused unless the user gives the same spec, and a given spec must equal the recorded
+    one. Raises :class:`InputError` saying which option to pass.
+    """
+    for option, spec in recorded.items():
+        typed = given.get(option)
+        if typed is not None and typed != spec:
+            raise InputError(f"{option} {typed!r} differs from {source}'s {spec!r}; a run resumes with the specs "
+                             "it was planned with (start another run with `cpcluster certify` instead)")
+        if runs_code(spec) and typed is None:
+            raise InputError(f"{source} names {option} {spec!r}, which runs code when loaded; a file may not choose "
+                             f"code to run, so confirm it on the command line: {option} '{spec}'")
+    unknown = sorted(set(given) - set(recorded))
+    if unknown:
+        raise InputError(f"{unknown[0]}: not a spec this run records")
+
+
 def known_kinds(table: str) -> list[str]:
     _ensure_adapters()
     return sorted(_TABLES[table])
