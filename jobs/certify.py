@@ -260,17 +260,18 @@ def _shard_lock(journal_path: str):
 
     fh = open(journal_path + ".lock", "a")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise InputError(f"{journal_path}: another process is running this shard right now") from None
-        yield fh
-    finally:
-        fh.close()
-    try:
-        os.remove(journal_path + ".lock")
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        pass
+        fh.close()  # another process holds it: its lock file stays
+        raise InputError(f"{journal_path}: another process is running this shard right now") from None
+    try:
+        yield fh
+    finally:  # also when the shard fails or is stopped: the lock file only means something while held
+        fh.close()
+        try:
+            os.remove(journal_path + ".lock")
+        except OSError:
+            pass
 
 
 def _ensure_log_handler() -> None:
