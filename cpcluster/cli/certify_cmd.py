@@ -46,8 +46,9 @@ def run_name(template: str, config: CertifyConfig) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise InputError(f"--name {template!r}: unknown placeholder {e}; use {{sigma}}, {{mode}}, {{purifier}}, "
                          "{seed}, {n}") from None
-    if not name or "/" in name or name in (".", ".."):
-        raise InputError(f"--name {template!r}: must give a plain folder name (no '/')")
+    if not name or "/" in name or name in (".", "..") or len(name) > 255:
+        raise InputError(f"--name {template[:60]!r}: must give a plain folder name (no '/', at most 255 "
+                         "characters)")
     return name
 
 
