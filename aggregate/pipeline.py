@@ -1,13 +1,16 @@
 """``cpcluster aggregate`` as a function: shard files in, certified radii, tables and a figure out.
 
 Order of work: expand the paths, read and check every file, merge per ``(method, sigma, mode)``, decide per image,
-render every output to bytes, and only then write. So any validation error leaves the output folder untouched;
-each file is written atomically (temp + rename).
+render every output to bytes, and only then write. So any validation error leaves the output folder untouched.
+The outputs of one aggregation appear together or not at all: all are written to temporary names first and
+renamed into place only when every one is written (:func:`cpcluster.fileio.write_files_together`), so a full disk
+leaves the folder as it was.
 
 Outputs in ``out``: one TSV per group (``<method>-sigma<s>[-predict].tsv``), ``summary.json``, ``table.md`` (and
 ``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options, the
 input files with their hashes and the list of outputs written: the one output that depends on how the units were
-split into files). Files of an earlier run in ``out`` that this run does not write are left as they are.
+split into files). Outputs of an earlier aggregation into ``out`` that this one does not write (its
+``inputs.json`` lists them) are removed once the new ones are in place; other files are left as they are.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from cpcluster.aggregate.plot import plot_png
 from cpcluster.aggregate.report import TABLE_FILES, summary_bytes, table_text, tsv_bytes, tsv_names
 from cpcluster.config import AggregateOptions
 from cpcluster.errors import InputError
-from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard, write_bytes_atomic
+from cpcluster.fileio import filesystem, read_json, write_files_together
+from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard
 
 PLOT_FILE = "certified_accuracy.png"
 
@@ -62,7 +66,7 @@ def input_files(patterns) -> list:
         _refuse_unstarted_run(p)
     out = []
     for p in expand_paths(patterns):
-        fs, path = fsspec.core.url_to_fs(p)
+        fs, path = filesystem(p)
         if not fs.isdir(path):
             out.append(p)
         elif fs.glob(path.rstrip("/") + "/" + SHARD_GLOB):
@@ -74,17 +78,34 @@ def input_files(patterns) -> list:
 
 def _refuse_unstarted_run(path: str) -> None:
     """A certify run folder (it has ``run.json``) without any shard file yet: say so, and how to see its state."""
-    fs, local = fsspec.core.url_to_fs(path)
+    fs, local = filesystem(path)
     if any(c in local for c in "*?[") or not fs.isdir(local) or fs.glob(local.rstrip("/") + "/" + SHARD_GLOB):
         return
     record = join_url(path, "run.json")
-    if fs.exists(fsspec.core.url_to_fs(record)[1]):
+    if fs.exists(filesystem(record)[1]):
         try:
-            total = json.loads(fs.cat_file(fsspec.core.url_to_fs(record)[1])).get("num_shards", "?")
-        except (ValueError, AttributeError):
+            total = read_json(record).get("num_shards", "?")
+        except InputError:
             total = "?"
         raise InputError(f"{path}: unfinished certify run, none of its {total} shard files is written yet; "
                          f"`cpcluster status {path}` shows where its shards stand")
+
+
+def _stale_outputs(out: str, names: set) -> list:
+    """Files an earlier aggregate wrote into ``out`` (its ``inputs.json`` lists them) that this one will not:
+    they are removed after the new outputs are in place, so the folder never mixes two aggregations."""
+    url = join_url(out, "inputs.json")
+    fs, path = filesystem(url, "--out")
+    if not fs.exists(path):
+        return []
+    try:
+        listed = read_json(url, "--out").get("outputs")
+    except InputError:
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [join_url(out, n) for n in listed if isinstance(n, str) and n not in names and "/" not in n
+            and n not in (".", "..") and fs.exists(filesystem(join_url(out, n))[1])]
 
 
 def build_outputs(opts: AggregateOptions):
@@ -133,16 +154,15 @@ def run_aggregate(opts: AggregateOptions) -> AggregateResult:
     """Run the whole aggregation; raises :class:`InputError` before writing anything if any input is bad."""
     results, envs, outputs, table, warnings, files = build_outputs(opts)
     out = opts.out or default_out(files)
-    fs, path = fsspec.core.url_to_fs(out)
+    fs, path = filesystem(out, "--out")
     if fs.exists(path) and not fs.isdir(path):
         raise InputError(f"--out {out}: exists and is not a folder; give a folder")
-    written = []
-    for name in sorted(outputs):
-        url = join_url(out, name)
+    stale = _stale_outputs(out, set(outputs))
+    written = write_files_together(out, outputs)  # all or nothing: an error leaves the folder as it was
+    for url in stale:  # outputs of an earlier aggregate into this folder that this one does not write
         try:
-            write_bytes_atomic(url, outputs[name])
-        except OSError as e:
-            raise InputError(f"--out {out}: cannot write {name} ({e.strerror or e})") from None
-        written.append(url)
+            filesystem(url)[0].rm(filesystem(url)[1])
+        except OSError:
+            pass
     return AggregateResult(results=results, envelopes=envs, table=table, warnings=warnings, out=out,
                            written=written)

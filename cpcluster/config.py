@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from cpcluster.errors import InputError
+from cpcluster.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
+
+
+def check_label_policy(text) -> str:
+    """``--purifier-label``: ``random`` or ``fixed:K`` with K a non-negative integer; InputError otherwise."""
+    kind, _, value = str(text).partition(":")
+    if not isinstance(text, str) or (text != "random" and not (kind == "fixed" and value.isascii()
+                                                                and value.isdigit() and len(value) <= 9)):
+        raise InputError(f"--purifier-label {text!r}: use 'random' or 'fixed:K' with K a class index, e.g. fixed:0")
+    return text
 
 
 # ------------------------------------------------------------------------------------------------------ aggregate
@@ -55,6 +66,7 @@ class AggregateOptions:
 CERTIFY_MODES = ("certify", "predict")
 CERTIFY_DTYPES = ("float32", "bfloat16", "float16")
 CERTIFY_DEVICES = ("auto", "cpu", "cuda")
+MAX_BATCH = 2**20  # draws in one forward pass
 # Fields that do not change the counts' meaning: they stay out of the shard config and its hash, so a run can be
 # resumed with other values (where it runs, how it is split, how many draws go through one forward).
 CERTIFY_RUN_FREE = frozenset({"run_dir", "num_shards", "batch", "device", "threads", "tune_malloc"})
@@ -97,6 +109,11 @@ class CertifyConfig:
     tune_malloc: bool = True  # glibc mallopt at job start on CPU (DESIGN.md section 6)
 
     def __post_init__(self):
+        for name in ("dataset", "classifier", "purifier", "run_dir", "denoiser"):
+            value = getattr(self, name)
+            if not (value is None and name == "denoiser") and (not isinstance(value, str) or len(value) > 4096):
+                flag = "--out" if name == "run_dir" else f"--{name}"
+                raise InputError(f"{flag} {str(value)[:60]!r}: must be a spec or path string")
         sigma = float(self.sigma)
         if not 0.0 < sigma < float("inf"):
             raise InputError(f"--sigma {self.sigma}: must be a positive pixel-space noise level, e.g. --sigma 0.5")
@@ -112,6 +129,11 @@ class CertifyConfig:
                 raise InputError(f"{flag} {value}: must be an integer >= {least}")
         if self.seed >= 2**63:
             raise InputError(f"--seed {self.seed}: must be below 2**63")
+        for name, flag, most in (("n", "--n", MAX_DRAWS), ("n0", "--n0", MAX_DRAWS), ("batch", "--batch", MAX_BATCH),
+                                 ("block_size", "--block-size", MAX_DRAWS), ("draw_batch", "--draw-batch", MAX_BATCH),
+                                 ("num_shards", "--shards", 10**6), ("skip", "--skip", 2**40)):
+            if getattr(self, name) > most:
+                raise InputError(f"{flag} {getattr(self, name)}: must be at most {most}")
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -139,6 +161,7 @@ class CertifyConfig:
             raise InputError(f"--purifier {self.purifier} needs a --denoiser SPEC (or use --purifier none)")
         if not self.run_dir:
             raise InputError("--out is required: a folder or fsspec URL for the shard files")
+        check_label_policy(self.purifier_label)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field (indices as a list); ``CertifyConfig(**d)`` rebuilds it."""
@@ -202,11 +225,11 @@ class FinetuneConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
-        bad = [s for s in self.sigmas if not s > 0]
+        bad = [s for s in self.sigmas if not 0 < s < math.inf]
         if not self.sigmas or bad:
             raise InputError(f"--sigmas {','.join(map(str, self.sigmas)) or '(empty)'}: "
-                             f"{'%g is not positive; ' % bad[0] if bad else ''}give one or more positive "
-                             "pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+                             f"{'%g is not positive (or not finite); ' % bad[0] if bad else ''}give one or more "
+                             "positive pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
         for name in ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
@@ -217,12 +240,12 @@ class FinetuneConfig:
         if self.batch_size % self.world_size:
             raise InputError(f"--batch-size {self.batch_size} is not divisible by the {self.world_size} ranks "
                              f"({self.nodes} nodes x {self.ranks_per_node}); use a multiple of {self.world_size}")
-        if not self.lr > 0:
-            raise InputError(f"--lr {self.lr}: must be positive")
+        if not 0 < self.lr < math.inf:  # also refuses NaN
+            raise InputError(f"--lr {self.lr}: must be a positive finite number, e.g. 1e-4")
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
-        if self.grad_clip < 0:
-            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or positive")
+        if not 0 <= self.grad_clip < math.inf:
+            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or a positive finite number")
         choices = {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
                    "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
@@ -230,9 +253,7 @@ class FinetuneConfig:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if not self.out:
             raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
-        kind, _, value = self.purifier_label.partition(":")
-        if self.purifier_label != "random" and not (kind == "fixed" and value.isdigit()):
-            raise InputError(f"--purifier-label {self.purifier_label!r}: use 'random' or 'fixed:K', e.g. fixed:0")
+        check_label_policy(self.purifier_label)
         if not 0 <= int(self.seed) < 2**63:
             raise InputError(f"--seed {self.seed}: must be in [0, 2**63)")
 

@@ -17,15 +17,15 @@ import os
 import time
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
 from cpcluster import __version__
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
 from cpcluster.sharding.plan import Plan, make_plan
-from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, shard_name,
-                              write_bytes_atomic)
+from cpcluster.fileio import filesystem, read_json
+from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, read_shard,
+                              shard_name, unplanned_units, write_bytes_atomic)
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.jsonl"
@@ -46,6 +46,17 @@ def select_images(size: int, skip: int = 1, max_images: int | None = None, indic
     if not len(chosen):
         raise InputError("no images selected: check --indices, --skip and --max-images")
     return chosen
+
+
+MAX_UNITS = 2**26  # work units of one run (its plan holds 32 bytes per unit)
+
+
+def check_plan_size(num_images: int, config: CertifyConfig) -> None:
+    """InputError when the run would have more than :data:`MAX_UNITS` work units (checked before planning)."""
+    per_image = -(-config.n // config.block_size) + (config.mode == "certify")
+    if num_images * per_image > MAX_UNITS:
+        raise InputError(f"--n {config.n} in blocks of --block-size {config.block_size} over {num_images} images is "
+                         f"{num_images * per_image:,} work units, more than {MAX_UNITS:,}; use a larger --block-size")
 
 
 @dataclass
@@ -137,6 +148,7 @@ def resolve(config: CertifyConfig, models: Models, purifier=None) -> ResolvedRun
     purifier = purifier if purifier is not None else build_purifier(config, models)
     cfg = shard_config(config, models, purifier)
     ids = select_images(len(models.dataset), config.skip, config.max_images, config.indices)
+    check_plan_size(len(ids), config)
     labels = np.asarray(models.dataset.labels, dtype=np.int64)[ids]
     plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
     return ResolvedRun(config, cfg, config_hash(cfg), ids, labels, plan)
@@ -144,18 +156,15 @@ def resolve(config: CertifyConfig, models: Models, purifier=None) -> ResolvedRun
 
 # ---------------------------------------------------------------------------------------------- run directory
 def read_run(run_dir: str) -> dict | None:
-    """The ``run.json`` of ``run_dir``, or None when there is none."""
+    """The ``run.json`` of ``run_dir``, or None when there is none (InputError when it is not a JSON object)."""
     url = join_url(run_dir, RUN_FILE)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     if not fs.exists(path):
         return None
     try:
-        record = json.loads(fs.cat_file(path).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict):
-        raise InputError(f"{url}: not a JSON object; the run record is damaged (use --overwrite to start over)")
-    return record
+        return read_json(url, kind=dict)
+    except InputError as e:
+        raise InputError(f"{e}; the run record is damaged (use --overwrite to start over)") from None
 
 
 def check_run_dir(run: ResolvedRun, overwrite: bool = False) -> str:
@@ -199,7 +208,7 @@ def _leftovers(run_dir: str) -> list[str]:
 
     Lock files are not listed: a running shard job holds one, and removing it would let a second process in.
     """
-    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs, path = filesystem(run_dir)
     if not fs.exists(path):
         return []
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
@@ -217,7 +226,7 @@ def prepare_run_dir(run: ResolvedRun, overwrite: bool = False) -> str:
     if action == "overwrite":
         for url in _leftovers(run.config.run_dir):
             if not url.endswith(RUN_FILE):
-                fs, path = fsspec.core.url_to_fs(url)
+                fs, path = filesystem(url)
                 fs.rm(path)
         if not is_local(run.config.run_dir):  # journals of remote shards live in local scratch
             try:
@@ -241,7 +250,7 @@ def prepare_run_dir(run: ResolvedRun, overwrite: bool = False) -> str:
 
 def check_writable(run_dir: str) -> None:
     """Raise :class:`InputError` unless ``run_dir`` (a local path) could be created and written; no-op for URLs."""
-    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs, path = filesystem(run_dir)
     if "://" in run_dir and not run_dir.startswith("file://"):
         return
     probe = os.path.abspath(path)
@@ -264,6 +273,39 @@ def shard_draws_done(run: ResolvedRun, index: int) -> int:
 
 
 def complete_shards(run: ResolvedRun) -> list[int]:
-    """Indices of the shards whose final file exists."""
-    return [k for k in range(run.plan.num_shards) if exists(run.shard_url(k))]
+    """Indices of the shards whose final file exists and passes :func:`verified_shard` (the checks of
+    ``cpcluster status`` and ``aggregate``): a truncated or damaged file does not count as done."""
+    done = []
+    for k in range(run.plan.num_shards):
+        url = run.shard_url(k)
+        if exists(url):
+            try:
+                verified_shard(url, run.config_hash, run.plan.shard_units(k))
+            except InputError:
+                continue
+            done.append(k)
+    return done
+
+
+class ShardMismatch(InputError):
+    """A readable, undamaged shard file that belongs to another run configuration (never replaced silently)."""
+
+
+def verified_shard(url: str, config_hash: str, planned: np.ndarray, shard=None):
+    """The :class:`~cpcluster.shards.ShardData` of ``url`` if it is a finished shard of the run: readable and
+    undamaged (:func:`cpcluster.shards.read_shard`), of config hash ``config_hash``, marked complete and holding
+    exactly the units ``planned`` ((u, 4) rows of its shard in the run's plan).
+
+    Raises :class:`ShardMismatch` for a file of another configuration, :class:`InputError` for any other problem.
+    ``shard``: the file's :class:`~cpcluster.shards.ShardData` when it was read already.
+    """
+    shard = read_shard(url) if shard is None else shard
+    if shard.config_hash != config_hash:
+        raise ShardMismatch(f"{url}: shard file of another run configuration")
+    if not shard.complete:
+        raise InputError(f"{url}: shard file marked incomplete")
+    if len(shard.units) != len(planned) or len(unplanned_units(shard.units, planned)):
+        raise InputError(f"{url}: its units are not those its shard plans ({len(shard.units)} units, "
+                         f"{len(planned)} planned)")
+    return shard
 

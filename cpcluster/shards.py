@@ -21,27 +21,29 @@ the finished file is uploaded to ``<final>.tmp`` and moved into place.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
-import struct
-import tempfile
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import fsspec
 import h5py
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cpcluster.errors import InputError
+from cpcluster.fileio import check_regular, filesystem, parse_json, read_regular
+from cpcluster.fileio import write_bytes_atomic  # noqa: F401  (used from here by many modules)
+from cpcluster.journal import MAX_CLASSES, check_units, encode_header, encode_record
+from cpcluster.journal import journal_path as _journal_path
+# The journal lived in this module; its readers import these from here.
+from cpcluster.journal import JOURNAL_SUFFIX, JournalState, read_journal  # noqa: F401
 
 SHARD_TEMPLATE = "shard-{index:05d}-of-{total:05d}.h5"
 SHARD_GLOB = "shard-*-of-*.h5"
-JOURNAL_SUFFIX = ".journal"
-_MAGIC = b"CPCJOURNAL1\n"
 _GLOB_CHARS = set("*?[")
 
 
@@ -65,8 +67,7 @@ def join_url(base: str, *parts: str) -> str:
 
 
 def _fs(url: str):
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    return filesystem(url)
 
 
 def is_local(url: str) -> bool:
@@ -76,62 +77,6 @@ def is_local(url: str) -> bool:
 def exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(path)
-
-
-# --------------------------------------------------------------------------------------------------- journal
-def _journal_path(url: str, scratch_dir: str | None) -> str:
-    fs, path = _fs(url)
-    if isinstance(fs, LocalFileSystem):
-        return path + JOURNAL_SUFFIX
-    scratch = scratch_dir or os.environ.get("CPCLUSTER_SCRATCH") or tempfile.gettempdir()
-    os.makedirs(scratch, exist_ok=True)
-    return os.path.join(scratch, hashlib.sha1(url.encode()).hexdigest()[:20] + JOURNAL_SUFFIX)
-
-
-def _record_struct(num_classes: int) -> struct.Struct:
-    return struct.Struct(f"<{4 + num_classes}qI")
-
-
-@dataclass(frozen=True)
-class JournalState:
-    """What a journal holds: its header and the intact unit records, in the order they were written."""
-
-    header: dict
-    units: np.ndarray  # (U, 4) int64
-    counts: np.ndarray  # (U, C) int64
-    valid_bytes: int  # file offset just after the last intact record
-
-
-def read_journal(path: str) -> JournalState | None:
-    """Read a journal up to its last intact record; ``None`` if it does not exist or its header is torn."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        return None
-    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 12:
-        return None
-    off = len(_MAGIC)
-    (hlen,) = struct.unpack_from("<Q", data, off)
-    off += 8
-    raw = data[off : off + hlen]
-    if len(raw) != hlen or len(data) < off + hlen + 4:
-        return None
-    (crc,) = struct.unpack_from("<I", data, off + hlen)
-    if zlib.crc32(raw) != crc:
-        return None
-    header = json.loads(raw.decode("utf-8"))
-    off += hlen + 4
-    rec = _record_struct(header["num_classes"])
-    rows = []
-    while off + rec.size <= len(data):
-        values = rec.unpack_from(data, off)
-        if zlib.crc32(data[off : off + rec.size - 4]) != values[-1]:
-            break
-        rows.append(values[:-1])
-        off += rec.size
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4 + header["num_classes"])
-    return JournalState(header=header, units=arr[:, :4].copy(), counts=arr[:, 4:].copy(), valid_bytes=off)
 
 
 class ShardWriter:
@@ -157,7 +102,6 @@ class ShardWriter:
         self.shard_info = dict(shard_info)
         self.image_index = np.asarray(image_index, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self._rec = _record_struct(self.num_classes)
         self.journal_path = _journal_path(url, scratch_dir)
         os.makedirs(os.path.dirname(os.path.abspath(self.journal_path)), exist_ok=True)
         state = read_journal(self.journal_path)
@@ -173,19 +117,20 @@ class ShardWriter:
             self._units = [tuple(int(v) for v in row) for row in state.units]
             self._counts = [row.copy() for row in state.counts]
         self._done = {u[:3]: u[3] for u in self._units}
+        self._images = set(self.image_index.tolist())
         self._fh = open(self.journal_path, "ab")
 
     def _create(self) -> None:
         header = {"config_hash": self.config_hash, "num_classes": self.num_classes, "config": self.config,
                   "shard": self.shard_info, "image_index": self.image_index.tolist(),
                   "labels": self.labels.tolist()}
-        raw = json.dumps(header).encode("utf-8")
         tmp = self.journal_path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(_MAGIC + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", zlib.crc32(raw)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.journal_path)
+        with _write_errors(self.journal_path):
+            with open(tmp, "wb") as fh:
+                fh.write(encode_header(header))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.journal_path)
 
     @property
     def done(self) -> dict:
@@ -202,21 +147,34 @@ class ShardWriter:
             raise ValueError(f"unit {(image, stream, block)} is already recorded in {self.url}")
         if int(counts.sum()) != n_draws or (counts < 0).any():
             raise ValueError(f"counts of unit {(image, stream, block)} do not sum to n_draws={n_draws}")
-        body = struct.pack(f"<{4 + self.num_classes}q", image, stream, block, n_draws, *counts.tolist())
-        self._fh.write(body + struct.pack("<I", zlib.crc32(body)))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if image not in self._images:
+            raise ValueError(f"unit {(image, stream, block)}: image {image} is not one of this shard's images")
+        with _write_errors(self.journal_path):
+            self._fh.write(encode_record((image, stream, block, n_draws), counts.tolist()))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
         self._units.append((image, stream, block, n_draws))
         self._counts.append(counts)
         self._done[(image, stream, block)] = n_draws
 
     def finish(self, shard_info_update: dict | None = None) -> str:
-        """Write the complete HDF5 shard atomically (temp name + rename), remove the journal; return its URL."""
+        """Write the complete HDF5 shard atomically (temp name + rename), read it back and check it against what
+        was written (its ``data_sha256``), then remove the journal; return its URL.
+
+        A write that fails (a full disk) is an :class:`InputError` naming the file and the cause; the journal is
+        kept, so rerunning the shard finishes it without recounting.
+        """
         info = {**self.shard_info, **(shard_info_update or {})}
         units = np.asarray(self._units, dtype=np.int64).reshape(-1, 4)
         counts = np.asarray(self._counts, dtype=np.int64).reshape(-1, self.num_classes)
         payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True)
-        write_bytes_atomic(self.url, payload)
+        with _write_errors(self.url):
+            write_bytes_atomic(self.url, payload)
+        written = read_shard(self.url)
+        if data_checksum(written.units, written.counts, written.image_index, written.labels) != data_checksum(
+                units, counts, self.image_index, self.labels):
+            raise InputError(f"{self.url}: the shard file read back differs from what was written; the journal "
+                             "is kept, rerun the shard")
         self.close()
         os.remove(self.journal_path)
         return self.url
@@ -232,51 +190,36 @@ class ShardWriter:
         self.close()
 
 
+@contextlib.contextmanager
+def _write_errors(url: str):
+    """An ``OSError`` while writing shard state (ENOSPC, EDQUOT, EROFS...) as one :class:`InputError` naming the
+    file and the cause; what was recorded before stays on disk."""
+    try:
+        yield
+    except OSError as e:
+        cause = e.strerror or str(e)
+        code = errno.errorcode.get(e.errno, "")
+        raise InputError(f"{url}: cannot write ({cause}{', ' + code if code else ''}); free space or fix the "
+                         "folder, then rerun: the units recorded so far are kept") from None
+
+
 def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.ndarray,
                  image_index: np.ndarray, labels: np.ndarray, *, complete: bool) -> bytes:
     """The bytes of an HDF5 shard file in the format of the module docstring."""
+    units = np.asarray(units, dtype=np.int64).reshape(-1, 4)
+    arrays = {"units": units, "counts": np.asarray(counts, dtype=np.int64).reshape(len(units), -1),
+              "image_index": np.asarray(image_index, dtype=np.int64).reshape(-1),
+              "labels": np.asarray(labels, dtype=np.int64).reshape(-1)}
     bio = io.BytesIO()
     with h5py.File(bio, "w") as f:
-        f.create_dataset("units", data=np.asarray(units, dtype=np.int64).reshape(-1, 4))
-        f.create_dataset("counts", data=np.asarray(counts, dtype=np.int64).reshape(len(units), -1))
-        f.create_dataset("image_index", data=np.asarray(image_index, dtype=np.int64))
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        for name in _DATASETS:
+            f.create_dataset(name, data=arrays[name])
         f.attrs["config"] = canonical_json(config)
         f.attrs["config_hash"] = config_hash(config)
         f.attrs["shard"] = json.dumps(shard_info, sort_keys=True)
         f.attrs["complete"] = bool(complete)
+        f.attrs[CHECKSUM_ATTR] = data_checksum(*(arrays[name] for name in _DATASETS))
     return bio.getvalue()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(url: str, payload: bytes) -> None:
-    """Write ``payload`` to ``url`` so that readers see the old state or the whole new file, never a part."""
-    fs, path = _fs(url)
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any written file
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as fh:
-        fh.write(payload)
-    fs.mv(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- reader
@@ -297,39 +240,64 @@ class ShardData:
 
 _DATASETS = ("units", "counts", "image_index", "labels")
 _ATTRS = ("config", "config_hash", "shard", "complete")
+CHECKSUM_ATTR = "data_sha256"
+
+
+def data_checksum(units, counts, image_index, labels) -> str:
+    """Hex sha256 over the four datasets (shape, then little-endian int64 bytes of each, in that order).
+
+    Written as attribute ``data_sha256`` by :func:`encode_shard`; :func:`read_shard` checks it when present, so a
+    file damaged in place (not only a truncated one) is refused.
+    """
+    h = hashlib.sha256()
+    for array in (units, counts, image_index, labels):
+        array = np.ascontiguousarray(array, dtype="<i8")
+        h.update(repr(array.shape).encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _read_datasets(url: str, f, file_size: int) -> dict:
+    """The four datasets, each checked for type and plausible size *before* it is read (no huge allocation)."""
+    arrays = {}
+    for k in _DATASETS:
+        d = f[k]
+        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu" or d.ndim not in (1, 2):
+            raise InputError(f"{url}: '{k}' must be a 1-D or 2-D integer dataset")
+        stored = d.id.get_storage_size()
+        if d.size * d.dtype.itemsize > max(file_size, stored) + 2**16:
+            raise InputError(f"{url}: dataset '{k}' claims shape {d.shape}, more than the file holds; the file is "
+                             "damaged, re-run that shard")
+        arrays[k] = np.asarray(d[()])
+    return arrays
 
 
 def read_shard(url: str) -> ShardData:
     """Read one shard file and check it on its own (cross-file checks are the aggregator's).
 
-    Raises :class:`InputError` naming ``url`` for: a file that is not HDF5 or is truncated, a missing dataset or
-    attribute, wrong shapes, a config that does not match its hash, negative counts, rows whose counts do not sum
-    to ``n_draws``, a stream other than 0/1, labels outside ``[0, num_classes)``, or units of images the shard
-    does not list.
+    Raises :class:`InputError` naming ``url`` for: something other than a regular file, a file that is not HDF5
+    or is truncated, a missing dataset or attribute, wrong shapes or dataset sizes the file cannot hold, a config
+    that does not match its hash, datasets that do not match their checksum (attribute ``data_sha256``, when
+    present), invalid units (:func:`cpcluster.journal.check_units`), labels outside ``[0, num_classes)``, or
+    images that the run's plan does not select (when the config records the dataset size and subset).
     """
     fs, path = _fs(url)
-    try:
-        if isinstance(fs, LocalFileSystem):
-            with open(path, "rb"):  # same "no such file" / "cannot read" errors as for remote files
-                pass
-            # h5py reads a local file itself, 4-6x faster than through a Python file object; no HDF5 file
-            # locking (read-only, and flock fails on some cluster filesystems).
-            source, options = path, {"locking": False}
-        else:
-            with fs.open(path, "rb") as fh:
-                source, options = io.BytesIO(fh.read()), {}
-    except FileNotFoundError:
-        raise InputError(f"{url}: no such file") from None
-    except OSError as e:
-        raise InputError(f"{url}: cannot read ({e})") from None
+    if isinstance(fs, LocalFileSystem):
+        size = check_regular(url)  # no FIFO (would hang), device or folder; same errors as for remote files
+        # h5py reads a local file itself, 4-6x faster than through a Python file object; no HDF5 file
+        # locking (read-only, and flock fails on some cluster filesystems).
+        source, options = path, {"locking": False}
+    else:
+        raw = read_regular(url)
+        size, source, options = len(raw), io.BytesIO(raw), {}
     try:
         with h5py.File(source, "r", **options) as f:
             missing = [f"dataset '{k}'" for k in _DATASETS if k not in f] + \
                       [f"attribute '{k}'" for k in _ATTRS if k not in f.attrs]
             if missing:
                 raise InputError(f"{url}: not a cpcluster shard, missing {', '.join(missing)}")
-            arrays = {k: np.asarray(f[k][()]) for k in _DATASETS}
-            attrs = {k: f.attrs[k] for k in _ATTRS}
+            arrays = _read_datasets(url, f, size)
+            attrs = {k: f.attrs[k] for k in (*_ATTRS, CHECKSUM_ATTR) if k in f.attrs}
     except InputError:
         raise
     except Exception as e:  # h5py raises OSError / KeyError / ValueError on damaged files
@@ -342,28 +310,43 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def planned_images(config: dict) -> np.ndarray | None:
+    """Dataset indices a run's config selects (from ``dataset.size`` and ``subset``), or None if it does not say.
+
+    Raises :class:`InputError` (unnamed; callers add the file) when the subset does not fit the dataset size.
+    """
+    from cpcluster.runs import select_images
+
+    dataset, subset = config.get("dataset"), config.get("subset")
+    if not isinstance(dataset, dict) or not isinstance(subset, dict):
+        return None
+    size, skip, max_images, indices = (dataset.get("size"), subset.get("skip", 1), subset.get("max_images"),
+                                       subset.get("indices"))
+    ints = [size, skip] + ([max_images] if max_images is not None else [])
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in ints) or size < 1 or skip < 1 or (
+            indices is not None and not (isinstance(indices, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices))):
+        raise InputError("config keys 'dataset.size' and 'subset' do not describe an image selection")
+    return select_images(size, skip, max_images, indices)
+
+
 def _check(url: str, a: dict, attrs: dict) -> ShardData:
     def bad(msg: str):
         raise InputError(f"{url}: {msg}")
 
     try:
-        config = json.loads(_text(attrs["config"]))
-        shard = json.loads(_text(attrs["shard"]))
-    except (ValueError, TypeError):
-        bad("attribute 'config' or 'shard' is not valid JSON")
-    if not isinstance(config, dict):
-        bad("attribute 'config' is not a JSON object")
+        config = parse_json(_text(attrs["config"]), "attribute 'config'", dict)
+        shard = parse_json(_text(attrs["shard"]), "attribute 'shard'", dict)
+    except (InputError, UnicodeDecodeError) as e:
+        bad(f"{e}" if isinstance(e, InputError) else "attribute 'config' or 'shard' is not valid UTF-8")
     if config_hash(config) != _text(attrs["config_hash"]):
         bad("attribute 'config_hash' does not match its config (file edited or damaged)")
-    units, counts = a["units"], a["counts"]
-    for name in _DATASETS:
-        if not np.issubdtype(a[name].dtype, np.integer):
-            bad(f"dataset '{name}' must hold integers, found {a[name].dtype}")
+    units, counts = a["units"].astype(np.int64), a["counts"].astype(np.int64)
     if units.ndim != 2 or units.shape[1] != 4:
         bad(f"dataset 'units' must have shape (U, 4), found {units.shape}")
     num_classes = config.get("num_classes")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        bad("config key 'num_classes' missing or < 2")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
+        bad(f"config key 'num_classes' missing or outside [2, {MAX_CLASSES}]")
     if counts.shape != (units.shape[0], num_classes):
         bad(f"dataset 'counts' must have shape ({units.shape[0]}, {num_classes}), found {counts.shape}")
     image_index, labels = a["image_index"].astype(np.int64), a["labels"].astype(np.int64)
@@ -371,24 +354,31 @@ def _check(url: str, a: dict, attrs: dict) -> ShardData:
         bad("datasets 'image_index' and 'labels' must be 1-D of equal length")
     if len(np.unique(image_index)) != len(image_index):
         bad("dataset 'image_index' lists an image twice")
-    if (counts < 0).any():
-        bad(f"negative counts in unit row {int(np.argwhere(counts < 0)[0, 0])}")
-    sums = counts.sum(axis=1)
-    wrong = np.flatnonzero(sums != units[:, 3])
-    if len(wrong):
-        r = int(wrong[0])
-        bad(f"counts of unit row {r} sum to {int(sums[r])}, but n_draws is {int(units[r, 3])}")
-    if len(units) and ((units[:, 1] < 0) | (units[:, 1] > 1)).any():
-        bad("unit stream must be 0 (selection) or 1 (estimation)")
-    if len(units) and ((units[:, 3] < 1) | (units[:, 2] < 0)).any():
-        bad("units must have block >= 0 and n_draws >= 1")
+    problem = check_units(units, counts, image_index)
+    if problem:
+        bad(problem)
     if ((labels < 0) | (labels >= num_classes)).any():
         bad(f"labels outside [0, {num_classes}) (num_classes in config)")
-    if len(units) and not np.isin(units[:, 0], image_index).all():
-        bad("units name images that 'image_index' does not list")
+    if CHECKSUM_ATTR in attrs and _text(attrs[CHECKSUM_ATTR]) != data_checksum(units, counts, image_index, labels):
+        bad(f"its datasets do not match attribute '{CHECKSUM_ATTR}' (file damaged or edited); re-run that shard")
+    try:
+        planned = planned_images(config)
+    except InputError as e:
+        bad(str(e))
+    if planned is not None and not np.isin(image_index, planned).all():
+        outside = int(image_index[~np.isin(image_index, planned)][0])
+        bad(f"lists image {outside}, which its run does not evaluate (dataset size, skip, max_images and indices "
+            "in its config); the file does not belong to that run")
     return ShardData(path=url, config=config, config_hash=_text(attrs["config_hash"]), shard=shard,
-                     complete=bool(attrs["complete"]), units=units.astype(np.int64, copy=False),
-                     counts=counts.astype(np.int64, copy=False), image_index=image_index, labels=labels)
+                     complete=bool(attrs["complete"]), units=units, counts=counts, image_index=image_index,
+                     labels=labels)
+
+
+def unplanned_units(units: np.ndarray, planned: np.ndarray) -> np.ndarray:
+    """Row indices of ``units`` (U, 4) that are not rows of ``planned`` (P, 4): same image, stream, block and draws."""
+    got = np.ascontiguousarray(units, dtype=np.int64).reshape(-1, 4).view("V32").ravel()
+    want = np.ascontiguousarray(planned, dtype=np.int64).reshape(-1, 4).view("V32").ravel()
+    return np.flatnonzero(~np.isin(got, want))
 
 
 def expand_paths(patterns: Iterable[str]) -> list[str]:

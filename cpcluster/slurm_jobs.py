@@ -78,8 +78,7 @@ def record_jobs(run_dir: str, jobs: Sequence, tags: Sequence[dict] | None = None
     (e.g. ``{"shard": 3, "sigma": 0.5}``). The file is rewritten through a temporary name (readers see the old
     or the new file, never a torn line); concurrent writers on a local filesystem are serialized by a lock file.
     """
-    import fsspec
-
+    from cpcluster.fileio import filesystem, read_regular
     from cpcluster.shards import join_url, write_bytes_atomic
 
     if tags is not None and len(tags) != len(jobs):
@@ -87,8 +86,8 @@ def record_jobs(run_dir: str, jobs: Sequence, tags: Sequence[dict] | None = None
     url = join_url(str(run_dir), JOBS_FILE)
     records = [_job_record(job, tags[i] if tags is not None else None) for i, job in enumerate(jobs)]
     with _lock(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        old = fs.cat_file(path) if fs.exists(path) else b""
+        fs, path = filesystem(url)
+        old = read_regular(url, max_bytes=MAX_JOBS_BYTES) if fs.exists(path) else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"
         new = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
@@ -96,23 +95,35 @@ def record_jobs(run_dir: str, jobs: Sequence, tags: Sequence[dict] | None = None
     return records
 
 
-def read_jobs(run_dir: str) -> list[dict]:
-    """The records of ``<run_dir>/jobs.jsonl`` in submission order (empty when the file does not exist)."""
-    import fsspec
+MAX_JOBS_BYTES = 256 * 2**20
 
+
+def read_jobs(run_dir: str) -> list[dict]:
+    """The records of ``<run_dir>/jobs.jsonl`` in submission order (empty when the file does not exist).
+
+    Every line must be a JSON object whose ``job_id`` is a string or an integer (returned as a string) and whose
+    ``shard``, when present, is an integer; anything else is an :class:`InputError` naming the file and the line.
+    """
+    from cpcluster.fileio import filesystem, parse_json, read_regular
     from cpcluster.shards import join_url
 
     url = join_url(str(run_dir), JOBS_FILE)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     if not fs.exists(path):
         return []
     out = []
-    for n, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(read_regular(url, max_bytes=MAX_JOBS_BYTES).splitlines(), 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise InputError(f"{url}: line {n} is not JSON; the job record file is damaged") from None
+                record = parse_json(line, f"line {n}")
+                job_id, shard = record.get("job_id"), record.get("shard")
+                if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not str(job_id):
+                    raise InputError(f"line {n}: job_id must be a string")
+                if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int)):
+                    raise InputError(f"line {n}: shard must be an integer")
+            except InputError as e:
+                raise InputError(f"{url}: {e}; the job record file is damaged (remove that line)") from None
+            out.append({**record, "job_id": str(job_id)})
     return out
 
 

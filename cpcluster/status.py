@@ -27,7 +27,6 @@ node's scratch folder, so their progress is visible only on the node that ran th
 from __future__ import annotations
 
 import calendar
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cpcluster.errors import InputError
+from cpcluster.fileio import parse_json, read_regular
+from cpcluster.shards import unplanned_units
 
 STATES = ("complete", "running", "pending", "partial", "failed", "missing")
 RESUBMITTABLE = frozenset({"failed", "missing", "partial"})  # nothing works on them and they are unfinished
@@ -125,7 +126,7 @@ def load_run(run_dir: str):
     the record's unit and draw totals.
     """
     from cpcluster.config import CertifyConfig
-    from cpcluster.runs import RUN_FILE, read_run, select_images
+    from cpcluster.runs import RUN_FILE, check_plan_size, read_run, select_images
     from cpcluster.sharding.plan import make_plan
 
     record = read_run(run_dir)
@@ -136,6 +137,9 @@ def load_run(run_dir: str):
         config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
         size = int(record["shard_config"]["dataset"]["size"])
         ids = select_images(size, config.skip, config.max_images, config.indices)
+        check_plan_size(len(ids), config)
+        if not isinstance(record.get("config_hash"), str):
+            raise TypeError("config_hash is not a string")
         plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise InputError(f"{run_dir}/{RUN_FILE} cannot be read as a certify run ({type(e).__name__}: {e}); rerun "
@@ -178,50 +182,54 @@ def _locked(path: str, held: set) -> bool:
     return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
 
 
-def _read_complete(url: str, config_hash: str) -> ShardFiles:
-    """A finished shard file, read for its attributes and unit table only (not the counts)."""
-    import fsspec
-    import h5py
+def _read_complete(url: str, config_hash: str, planned: np.ndarray) -> ShardFiles:
+    """A finished shard file, checked as ``certify``, ``resubmit`` and ``aggregate`` check it
+    (:func:`cpcluster.runs.verified_shard`)."""
+    from cpcluster.runs import ShardMismatch, verified_shard
+    from cpcluster.shards import read_shard
 
-    from cpcluster.shards import is_local
+    def bad(e: InputError, what: str) -> ShardFiles:
+        reason = str(e).removeprefix(f"{url}: ").removesuffix("; re-run that shard")
+        return ShardFiles("bad", detail=f"{what}{reason}; resubmit counts it again")
 
     try:
-        if is_local(url):
-            f = h5py.File(fsspec.core.url_to_fs(url)[1], "r", locking=False)
-        else:
-            fs, path = fsspec.core.url_to_fs(url)
-            f = h5py.File(fs.open(path, "rb"), "r")
-        with f:
-            complete, file_hash = bool(f.attrs["complete"]), f.attrs["config_hash"]
-            info = json.loads(f.attrs["shard"])
-            units = np.asarray(f["units"][()], dtype=np.int64).reshape(-1, 4)
-    except Exception as e:  # h5py raises OSError / KeyError / ValueError on damaged files
-        return ShardFiles("bad", detail=f"shard file unreadable ({type(e).__name__}); remove it and resubmit")
-    file_hash = file_hash.decode() if isinstance(file_hash, bytes) else str(file_hash)
-    if file_hash != config_hash:
-        return ShardFiles("bad", detail="shard file of another run configuration")
-    if not complete:
-        return ShardFiles("bad", units=len(units), draws=int(units[:, 3].sum()),
-                          detail="shard file marked incomplete")
-    rate = info.get("draws_per_s") if isinstance(info, dict) else None
-    return ShardFiles("complete", len(units), int(units[:, 3].sum()),
+        shard = read_shard(url)
+    except InputError as e:
+        return bad(e, "shard file unreadable: ")
+    try:
+        verified_shard(url, config_hash, planned, shard)
+    except ShardMismatch as e:
+        return ShardFiles("bad", detail=str(e).removeprefix(f"{url}: "))
+    except InputError as e:
+        return bad(e, "")
+    rate = shard.shard.get("draws_per_s")
+    return ShardFiles("complete", len(shard.units), int(shard.units[:, 3].sum()),
                       float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
 
 
-def shard_files(run_dir: str, index: int, total: int, config_hash: str, held: set | None = None) -> ShardFiles:
-    """The file state of shard ``index`` of ``total``: its HDF5 file, else its journal (and lock)."""
+def shard_files(run_dir: str, index: int, total: int, config_hash: str, planned: np.ndarray,
+                held: set | None = None) -> ShardFiles:
+    """The file state of shard ``index`` of ``total`` (planned units ``planned``): its HDF5 file, else its journal
+    (and lock). A journal holding units its shard does not plan is ``bad``, as the shard job refuses it."""
     from cpcluster.shards import _journal_path, exists, join_url, read_journal, shard_name
 
     url = join_url(run_dir, shard_name(index, total))
     if exists(url):
-        return _read_complete(url, config_hash)
+        return _read_complete(url, config_hash, planned)
     journal = _journal_path(url, None)
     locked = _locked(journal + ".lock", _held_locks() if held is None else held)
-    state = read_journal(journal)
+    try:
+        state = read_journal(journal)
+    except InputError as e:
+        return ShardFiles("bad", locked=locked, detail=str(e))
     if state is None:
         return ShardFiles("none", locked=locked)
     if state.header.get("config_hash") != config_hash:
         return ShardFiles("bad", locked=locked, detail="journal of another run configuration")
+    outside = unplanned_units(state.units, planned)
+    if len(outside):
+        return ShardFiles("bad", locked=locked, detail=f"{journal}: holds units outside this shard's plan "
+                          f"(first {tuple(int(v) for v in state.units[outside[0]])}); delete it")
     draws = int(state.units[:, 3].sum())
     return ShardFiles("journal", len(state.units), draws, _journal_speed(journal, state, draws), locked)
 
@@ -234,10 +242,9 @@ def _journal_speed(journal: str, state, draws: int) -> float | None:
     """
     start, before = (state.header.get("shard") or {}).get("start_time"), 0
     try:
-        with open(journal + ".lock") as fh:
-            session = json.loads(fh.read())
+        session = parse_json(read_regular(journal + ".lock", max_bytes=4096), "lock file")
         start, before = float(session["start_time"]), int(session["draws_at_start"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (InputError, ValueError, KeyError, TypeError, OverflowError):
         pass
     if not isinstance(start, (int, float)) or draws <= before:
         return None
@@ -334,7 +341,7 @@ def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[
             lo, hi = plan.ranges[k]
             rec = records[run_dir].get(k)
             job = (states or {}).get(rec["job_id"]) if rec else None
-            files = shard_files(run_dir, k, plan.num_shards, record["config_hash"], held)
+            files = shard_files(run_dir, k, plan.num_shards, record["config_hash"], plan.shard_units(k), held)
             state, detail = decide(files, rec, job, queried, now)
             rows.append(ShardStatus(index=k, state=state, units_done=files.units, units_planned=int(hi - lo),
                                     draws_done=files.draws if files.kind != "bad" else 0,

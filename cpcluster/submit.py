@@ -42,6 +42,17 @@ def choose_executor(requested: str) -> tuple[str, str]:
     return "slurm", "auto: sbatch is on PATH and the SLURM controller answers"
 
 
+def refuse_process_local(out: str, kind: str) -> None:
+    """InputError for an ``--out`` that only this process can see (``memory://``) when jobs run in other processes
+    (every executor but ``debug``): they would write where nobody reads, and nothing would be kept."""
+    from cpcluster.fileio import process_local
+
+    if kind != "debug" and process_local(out, "--out"):
+        raise InputError(f"--out {out}: lives in this process's memory, but the {kind} executor runs the jobs in "
+                         "other processes, and nothing would be kept; give a folder or a shared URL (s3://, gs://, "
+                         "...), or --executor debug to run them in this process")
+
+
 @dataclass(frozen=True)
 class Task:
     """One array task: a picklable callable, submitit's log folder for it, and tags for the job record."""

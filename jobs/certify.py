@@ -112,11 +112,11 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     import numpy as np
     import torch
 
-    from cpcluster.shards import ShardWriter, _journal_path, read_journal
+    from cpcluster.shards import ShardWriter, _journal_path, read_journal, unplanned_units
 
     url = run.shard_url(index)
     total = run.plan.num_shards
-    if _finished(run, url, index):
+    if _finished(run, url, index, repair=False):
         return url
     units = run.plan.shard_units(index)
     images = run.plan.shard_images(index)
@@ -127,8 +127,9 @@ def run_shard(run, models, purifier, index: int, device) -> str:
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
             "torch": torch.__version__, "start_time": start}
     with _shard_lock(_journal_path(url, None)) as lock:
-        if _finished(run, url, index):  # another process finished it while we waited to start
+        if _finished(run, url, index, repair=True):  # another process finished it while we waited to start
             return url
+        _remove_temporaries(url)
         first = read_journal(_journal_path(url, None))
         if first is not None and first.header.get("shard", {}).get("rng_device") not in (None, device.type):
             info["rng_device"] = "mixed"  # valid, but the noise of this shard is not bit-reproducible
@@ -137,8 +138,8 @@ def run_shard(run, models, purifier, index: int, device) -> str:
         try:
             done = writer.done
             _note_session(lock, draws_at_start=sum(done.values()))
-            planned = {tuple(int(v) for v in u[:3]): int(u[3]) for u in units}
-            if any(planned.get(k) != v for k, v in done.items()):
+            outside = unplanned_units(np.asarray([(*k, v) for k, v in done.items()], dtype=np.int64), units)
+            if len(outside):
                 raise InputError(f"{writer.journal_path}: holds units outside this shard's plan; delete it")
             todo = np.asarray([u for u in units if tuple(int(v) for v in u[:3]) not in done],
                               dtype=np.int64).reshape(-1, 4)
@@ -156,17 +157,49 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     return result
 
 
-def _finished(run, url: str, index: int) -> bool:
-    """True when the shard file exists and is a complete shard of this run; InputError when it is another run's."""
-    from cpcluster.shards import exists, read_shard
+def _finished(run, url: str, index: int, repair: bool) -> bool:
+    """True when the shard file exists and is a finished shard of this run (:func:`cpcluster.runs.verified_shard`).
+
+    A file of another run configuration is an :class:`InputError` (never replaced). A damaged one (truncated,
+    edited, marked incomplete, other units) is not finished: with ``repair`` (only under the shard's lock) it is
+    moved aside to ``<file>.damaged`` so that the shard is counted again.
+    """
+    from cpcluster.runs import ShardMismatch, verified_shard
+    from cpcluster.shards import exists
 
     if not exists(url):
         return False
-    done = read_shard(url)
-    if done.complete and done.config_hash == run.config_hash:
-        log.info("shard %d/%d: already complete at %s", index, run.plan.num_shards, url)
-        return True
-    raise InputError(f"{url}: exists but belongs to another run configuration; use --overwrite")
+    try:
+        verified_shard(url, run.config_hash, run.plan.shard_units(index))
+    except ShardMismatch:
+        raise InputError(f"{url}: exists but belongs to another run configuration; use --overwrite") from None
+    except InputError as e:
+        if repair:
+            log.warning("shard %d/%d: %s; moved to %s.damaged, counting the shard again", index,
+                        run.plan.num_shards, e, url)
+            _move(url, url + ".damaged")
+        return False
+    log.info("shard %d/%d: already complete at %s", index, run.plan.num_shards, url)
+    return True
+
+
+def _move(src: str, dst: str) -> None:
+    from cpcluster.fileio import filesystem
+
+    fs, path = filesystem(src)
+    fs.mv(path, filesystem(dst)[1])
+
+
+def _remove_temporaries(url: str) -> None:
+    """Delete what a process killed while finishing this shard left: ``<file>.*.tmp`` / ``<file>.tmp`` (they are
+    partial copies of the shard file; its journal still holds every unit)."""
+    from cpcluster.fileio import filesystem
+
+    fs, path = filesystem(url)
+    for stale in fs.glob(path + ".*tmp"):
+        if stale.endswith(".tmp"):
+            log.info("removing %s, left by a process killed while finishing this shard", stale)
+            fs.rm(stale)
 
 
 def _count(run, models, purifier, images, todo, device, writer, index):
@@ -227,17 +260,18 @@ def _shard_lock(journal_path: str):
 
     fh = open(journal_path + ".lock", "a")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise InputError(f"{journal_path}: another process is running this shard right now") from None
-        yield fh
-    finally:
-        fh.close()
-    try:
-        os.remove(journal_path + ".lock")
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        pass
+        fh.close()  # another process holds it: its lock file stays
+        raise InputError(f"{journal_path}: another process is running this shard right now") from None
+    try:
+        yield fh
+    finally:  # also when the shard fails or is stopped: the lock file only means something while held
+        fh.close()
+        try:
+            os.remove(journal_path + ".lock")
+        except OSError:
+            pass
 
 
 def _ensure_log_handler() -> None:
@@ -250,19 +284,36 @@ def _ensure_log_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
+USAGE = "usage: python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX [--denoiser SPEC] [--classifier SPEC]"
+
+
 def main(argv=None) -> int:
-    """``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX``: run one shard of a prepared run by hand."""
+    """``python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX``: run one shard of a prepared run by hand.
+
+    The run is rebuilt from ``RUN_DIR/run.json``; a recorded spec that runs code when loaded must be repeated with
+    ``--denoiser`` / ``--classifier`` (:func:`cpcluster.models.specs.confirm_recorded_specs`).
+    """
+    from cpcluster.models.specs import confirm_recorded_specs
     from cpcluster.runs import read_run
 
     args = list(sys.argv[1:] if argv is None else argv)
+    given = {}
+    while len(args) > 2 and args[-2] in ("--denoiser", "--classifier"):
+        given[args[-2]] = args[-1]
+        del args[-2:]
     if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m cpcluster.jobs.certify RUN_DIR SHARD_INDEX", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         record = read_run(args[0])
         if record is None:
             raise InputError(f"{args[0]}: no run.json; prepare the run with `cpcluster certify` first")
-        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
+        try:
+            config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{args[0]}/run.json: its certify config cannot be read ({e})") from None
+        confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier}, given,
+                               f"{args[0]}/run.json")
         print(CertifyShardJob(config, int(args[1]))())
     except InputError as e:
         print(f"Error: {e}", file=sys.stderr)

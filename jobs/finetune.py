@@ -44,6 +44,25 @@ FAULT_KILL_ENV = "CPCLUSTER_FAULT_KILL_AFTER_STEP"
 FAULT_TERM_ENV = "CPCLUSTER_FAULT_TERM_AFTER_STEP"  # the same with SIGTERM
 
 
+class Diverged(InputError):
+    """The loss or the weights became NaN or infinite: the run stops before checkpointing or exporting them."""
+
+
+def check_finite_weights(step: int, *modules) -> None:
+    """:class:`Diverged` when a parameter or buffer of ``modules`` (the network, its EMA) is NaN or infinite.
+
+    Called on every rank at the same steps (the weights are identical across ranks), before each checkpoint and
+    before the export, so all ranks stop together and no non-finite weights are ever written.
+    """
+    import torch
+
+    for module in modules:
+        if module is not None and not all(torch.isfinite(t).all() for t in module.state_dict().values()
+                                          if t.is_floating_point()):
+            raise Diverged(f"step {step}: the weights hold NaN or infinite values (training diverged); nothing "
+                           "was checkpointed or exported from it; lower --lr or keep --grad-clip on")
+
+
 class FinetuneTerminated(Terminated):
     """SIGTERM arrived: every rank stopped at the same step, after rank 0 wrote a checkpoint of it."""
 
@@ -307,6 +326,10 @@ def run(config: FinetuneConfig) -> dict:
             if k % cfg.log_every == 0 or k == cfg.steps:
                 window[2] = float(terminated())  # a SIGTERM on any rank stops every rank at this same step
                 sums = dist.all_reduce_sum(window.clone())
+                if not torch.isfinite(sums[0]):  # the same sum on every rank: all of them stop here
+                    raise Diverged(f"step {k}: the loss is {float(sums[0] / sums[1])} (training diverged); nothing "
+                                   f"was checkpointed or exported from it; lower --lr (now {cfg.lr:g}) or keep "
+                                   "--grad-clip on")
                 stop = bool(sums[2] > 0) and k < cfg.steps
                 speed = float(sums[1]) / info.world_size * cfg.batch_size / (time.perf_counter() - clock - paused)
                 speeds.append(speed)
@@ -319,10 +342,12 @@ def run(config: FinetuneConfig) -> dict:
             if cfg.eval_every and k % cfg.eval_every == 0 or k == cfg.steps:
                 evaluate(k)
             if k % cfg.checkpoint_every == 0 or k == cfg.steps:
+                check_finite_weights(k, net, ema)
                 save(k)
             paused += time.perf_counter() - tic  # evaluation and checkpoints do not count as training time
             if stop:
                 if k % cfg.checkpoint_every:
+                    check_finite_weights(k, net, ema)
                     save(k)
                 dist.barrier()  # rank 0's checkpoint is on disk before any rank exits
                 raise FinetuneTerminated(f"stopped by SIGTERM after step {k} of {cfg.steps}, checkpoint written; "
@@ -330,6 +355,7 @@ def run(config: FinetuneConfig) -> dict:
             _fault_injection(k, info.rank)
 
     final = join_url(cfg.out, "final")
+    check_finite_weights(max(start, cfg.steps), net, ema)
     if dist.is_main():
         if start >= cfg.steps:  # nothing left to train: refresh the exported files from the checkpoint
             write_metrics(cfg.out, log)

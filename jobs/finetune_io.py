@@ -25,6 +25,7 @@ import warnings
 import fsspec
 
 from cpcluster.errors import InputError
+from cpcluster.fileio import filesystem, parse_json, read_json, read_regular
 from cpcluster.shards import config_hash, join_url, write_bytes_atomic
 
 FORMAT = "cpcluster-finetune-checkpoint"
@@ -86,14 +87,15 @@ def write_run_record(out: str, config: dict, run: dict) -> None:
 
 def check_run_record(out: str, run: dict) -> None:
     """:class:`InputError` when ``out`` already holds a run whose ``run`` dict differs (cheap: reads JSON only)."""
-    fs, path = fsspec.core.url_to_fs(join_url(out, RUN_RECORD))
+    url = join_url(out, RUN_RECORD)
+    fs, path = filesystem(url, "--out")
     if not fs.exists(path):
         return
-    with fs.open(path, "rb") as fh:
-        old = json.loads(fh.read())
+    old = read_json(url, "fine-tuning record")
     if old.get("run_hash") != config_hash(run):
+        recorded = old["run"] if isinstance(old.get("run"), dict) else {}
         raise InputError(f"--out {out} holds a fine-tuning run with another configuration (differs in: "
-                         f"{_differing(run, old.get('run', {}))}); use a new --out or the same settings to resume it")
+                         f"{_differing(run, recorded)}); use a new --out or the same settings to resume it")
 
 
 def load_latest(out: str, run: dict) -> dict | None:
@@ -106,8 +108,7 @@ def load_latest(out: str, run: dict) -> dict | None:
 
     for step, url in list_checkpoints(out):
         try:
-            with fsspec.open(url, "rb") as fh:
-                state = torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(read_regular(url)), map_location="cpu", weights_only=True)
             if state.get("format") != FORMAT:
                 raise ValueError("not a fine-tuning checkpoint")
         except Exception as e:  # torch raises several types for damaged files
@@ -128,8 +129,9 @@ def write_metrics(out: str, records: list[dict]) -> None:
 
 def read_metrics(out: str) -> list[dict]:
     """The records of ``metrics.jsonl`` (empty if absent)."""
-    fs, path = fsspec.core.url_to_fs(join_url(out, "metrics.jsonl"))
+    url = join_url(out, "metrics.jsonl")
+    fs, path = filesystem(url)
     if not fs.exists(path):
         return []
-    with fs.open(path, "rb") as fh:
-        return [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+    return [parse_json(line, f"{url}: line {n}") for n, line in enumerate(read_regular(url).splitlines(), 1)
+            if line.strip()]

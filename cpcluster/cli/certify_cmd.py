@@ -17,6 +17,7 @@ from cpcluster.errors import InputError
 from cpcluster.submit import EXECUTORS
 
 DEFAULT_NAME = "{mode}-{purifier}-sigma{sigma}"
+MAX_INDICES = 10**7
 
 
 def parse_indices(text: str | None) -> tuple | None:
@@ -27,7 +28,11 @@ def parse_indices(text: str | None) -> tuple | None:
     try:
         for item in (t.strip() for t in text.split(",")):
             lo, dash, hi = item.partition("-")
-            out.extend(range(int(lo), int(hi) + 1) if dash else [int(item)])
+            part = range(int(lo), int(hi) + 1) if dash else [int(item)]
+            if len(out) + len(part) > MAX_INDICES:
+                raise InputError(f"--indices {text[:40]!r}: more than {MAX_INDICES:,} indices; use --skip and "
+                                 "--max-images for large selections")
+            out.extend(part)
     except ValueError:
         raise InputError(f"--indices {text!r}: give comma-separated indices or ranges, e.g. --indices 0,5,10-19") \
             from None
@@ -42,8 +47,9 @@ def run_name(template: str, config: CertifyConfig) -> str:
     except (KeyError, IndexError, ValueError) as e:
         raise InputError(f"--name {template!r}: unknown placeholder {e}; use {{sigma}}, {{mode}}, {{purifier}}, "
                          "{seed}, {n}") from None
-    if not name or "/" in name or name in (".", ".."):
-        raise InputError(f"--name {template!r}: must give a plain folder name (no '/')")
+    if not name or "/" in name or name in (".", "..") or len(name) > 255:
+        raise InputError(f"--name {template[:60]!r}: must give a plain folder name (no '/', at most 255 "
+                         "characters)")
     return name
 
 
@@ -126,15 +132,16 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
           --executor local --out /tmp/cp
     """
     from cpcluster import runs
-    from cpcluster.submit import choose_executor
+    from cpcluster.submit import choose_executor, refuse_process_local
 
     if denoiser is None and purifier != "none":
         denoiser = "demo"
     configs = build_configs(sigmas, out, name, num_shards=shards, indices=parse_indices(indices),
                             denoiser=denoiser, purifier=purifier, **fields)
+    kind, reason = choose_executor(executor)
+    refuse_process_local(out, kind)
     models = runs.load_models(configs[0])
     resolved = [runs.resolve(c, models) for c in configs]
-    kind, reason = choose_executor(executor)
     slurm = dict(partition=partition, account=account, time_min=time_min, array_parallelism=array_parallelism,
                  sbatch_extra=sbatch_extra)
     if dry_run:

@@ -98,14 +98,15 @@ def finetune(executor, partition, account, time_min, cpus_per_task, log_dir, wai
     from cpcluster.jobs.finetune import FinetuneJob, preflight
     from cpcluster.losses import RANDOM_BACKBONE_WARNING
     from cpcluster.shards import is_local, join_url
-    from cpcluster.submit import choose_executor
+    from cpcluster.submit import choose_executor, refuse_process_local
 
     preflight(config)
+    name, reason = choose_executor(executor)
+    check_layout(name, config.nodes, ranks)
+    refuse_process_local(config.out, name)
     if config.lpips_random_backbone:
         click.secho(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net), fg="red", bold=True, err=True)
     folder = log_dir or (join_url(config.out, "submitit") if is_local(config.out) else os.path.abspath("submitit"))
-    name, reason = choose_executor(executor)
-    check_layout(name, config.nodes, ranks)
     device = f"{gpus_per_node} GPU(s) per node" if gpus_per_node else "CPU"
     click.echo(f"executor: {name} ({reason}): {config.nodes} node(s) x {ranks} rank(s), {device}")
     if dry_run:

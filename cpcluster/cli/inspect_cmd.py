@@ -1,6 +1,10 @@
 """``cpcluster inspect``: what a certify run would load, without running any network.
 
 The work is :func:`inspect_setup` (a plain function returning a JSON-able dict); the Click command prints it.
+No network runs (no forward pass, no noise). What loading itself runs: a ``python:MODULE:FACTORY`` spec imports
+MODULE and calls FACTORY (code the user named on the command line); a ``torchscript:`` archive runs the TorchScript
+code it holds (its ``__setstate__`` methods) while it is deserialised, so inspect loads one only when asked to with
+``--load-torchscript``. Every other spec kind reads data and weights only.
 """
 from __future__ import annotations
 
@@ -27,10 +31,18 @@ def _device(choice: str) -> dict:
     return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
 
 
+def _refuse_torchscript(option: str, spec: str | None, allowed: bool) -> None:
+    if not allowed and isinstance(spec, str) and spec.partition(":")[0] == "torchscript":
+        raise InputError(f"{option} {spec}: deserialising a TorchScript archive runs the code it holds (its "
+                         "__setstate__ methods); inspect loads it only with --load-torchscript")
+
+
 def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, sigmas, purifier: str = "consistency",
                   time_rule: str = "nearest", steps: int | None = None, label_policy: str = "random",
-                  device: str = "auto") -> dict:
+                  device: str = "auto", load_torchscript: bool = False) -> dict:
     """Load the specs (on the CPU, no forward pass) and describe them.
+
+    ``torchscript:`` specs are refused unless ``load_torchscript`` (loading one runs the archive's code).
 
     Returns ``{"device", "denoiser", "purifier": {"name", "per_sigma": [{"sigma", ...describe()}]}, "classifier",
     "dataset", "problems"}``; ``problems`` lists mismatches (classes, channels, label policy) a run would hit.
@@ -39,8 +51,10 @@ def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, si
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(s <= 0 for s in sigmas):
-        raise InputError(f"--sigma must be given and positive, got {sigmas}")
+    if not sigmas or any(not 0 < s < float("inf") for s in sigmas):
+        raise InputError(f"--sigma must be given, positive and finite, got {sigmas}")
+    _refuse_torchscript("--denoiser", denoiser if purifier != "none" else None, load_torchscript)
+    _refuse_torchscript("--classifier", classifier, load_torchscript)
     report: dict = {"device": _device(device), "problems": []}
     problems = report["problems"]
     den = None
@@ -143,12 +157,17 @@ def _sigmas(ctx, param, values):
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--load-torchscript", is_flag=True,
+              help="Load torchscript: specs (deserialising an archive runs the TorchScript code it holds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_cmd(denoiser, classifier, dataset, sigmas, purifier, time_rule, steps, purifier_label, device, as_json):
+def inspect_cmd(denoiser, classifier, dataset, sigmas, purifier, time_rule, steps, purifier_label, device,
+                load_torchscript, as_json):
     """Show what certify would load: parameters, sha256, device, t_sigma per sigma, input transform, dataset.
 
-    Nothing runs: no forward pass, no noise. Exit code 2 if a problem (class count, channels, label policy) is
-    found.
+    No network runs: no forward pass, no noise. Loading runs code only for python:MODULE:FACTORY specs (MODULE is
+    imported and FACTORY called) and, with --load-torchscript, for torchscript: specs (the archive's own code runs
+    while it is deserialised); other specs read data and weights only. Exit code 2 if a problem (class count,
+    channels, label policy) is found.
 
     \b
     Example:
@@ -158,7 +177,7 @@ def inspect_cmd(denoiser, classifier, dataset, sigmas, purifier, time_rule, step
           --dataset imagenet64:/data/Imagenet64_val --sigma 0.25 --time exact
     """
     report = inspect_setup(denoiser, classifier, dataset or None, sigmas, purifier, time_rule, steps,
-                           purifier_label, device)
+                           purifier_label, device, load_torchscript)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_report(report))
     if report["problems"]:
         raise InputError(f"{len(report['problems'])} problem(s): {report['problems'][0]}")

@@ -61,14 +61,20 @@ def status(run_dirs, all_shards, no_slurm, as_json):
               help="SLURM: at most this many shards at once [default: as last submitted].")
 @click.option("--sbatch", "sbatch_extra", multiple=True, metavar="KEY=VALUE",
               help="Extra sbatch option (repeat) [default: as last submitted].")
+@click.option("--denoiser", default=None, metavar="SPEC",
+              help="Confirm the run's denoiser spec (required when it runs code: python:..., torchscript:...).")
+@click.option("--classifier", default=None, metavar="SPEC",
+              help="Confirm the run's classifier spec (required when it runs code: python:..., torchscript:...).")
 @click.option("--dry-run", is_flag=True, help="Say which shards would be rerun; submit nothing.")
-def resubmit(run_dirs, executor, workers, partition, account, time_min, array_parallelism, sbatch_extra, dry_run):
+def resubmit(run_dirs, executor, workers, partition, account, time_min, array_parallelism, sbatch_extra, dry_run,
+             denoiser, classifier):
     """Rerun the shards of certify runs that failed, are missing or stopped partway; never a complete, running
     or pending one.
 
     The shards continue from what they recorded. Each run is rebuilt from RUN_DIR/run.json and must resolve to
     the same configuration (same models and code); SLURM options not given are those of the run's last
-    submission.
+    submission. A spec that runs code when loaded (python:..., torchscript:...) is never taken from run.json alone:
+    repeat it with --denoiser / --classifier.
 
     \b
     Examples:
@@ -85,7 +91,8 @@ def resubmit(run_dirs, executor, workers, partition, account, time_min, array_pa
         raise InputError(f"{unreachable[0]}: its shards went to SLURM, which does not answer from here, so running "
                          "jobs cannot be told from dead ones; run resubmit where squeue works")
     todo = {s.run_dir: resubmittable(s) for s in statuses}
-    resolved = [_resolve(run_dir) for run_dir in todo if todo[run_dir]]  # refuses outdated run records first
+    given = {"--denoiser": denoiser, "--classifier": classifier}
+    resolved = [_resolve(run_dir, given) for run_dir in todo if todo[run_dir]]  # refuses outdated records first
     for s in statuses:
         others = ", ".join(f"{s.count(st)} {st}" for st in ("complete", "running", "pending") if s.count(st))
         click.echo(f"{s.run_dir}: {len(todo[s.run_dir])} shard(s) to rerun"
@@ -117,19 +124,27 @@ def _ranges(indices) -> str:
     return ", ".join(out)
 
 
-def _resolve(run_dir: str):
-    """The run of ``run_dir`` rebuilt from its ``run.json`` (models loaded); refused when it no longer matches."""
+def _resolve(run_dir: str, given: dict):
+    """The run of ``run_dir`` rebuilt from its ``run.json`` (models loaded); refused when it no longer matches.
+
+    ``given``: the specs typed on the command line, which must confirm any recorded spec that runs code
+    (:func:`cpcluster.models.specs.confirm_recorded_specs`), checked before anything is loaded.
+    """
     from cpcluster import runs
     from cpcluster.config import CertifyConfig
+    from cpcluster.models.specs import confirm_recorded_specs
 
     record = runs.read_run(run_dir)
     if record is None:
         raise InputError(f"{run_dir}: no run.json; not a certify run folder")
     try:
         config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
-    except (KeyError, TypeError, InputError) as e:
+    except (KeyError, TypeError, ValueError, InputError) as e:
         raise InputError(f"{run_dir}/run.json: its certify config cannot be read ({e}); rerun `cpcluster certify` "
                          "with --overwrite") from None
+    confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier,
+                            "--dataset": config.dataset}, {k: v for k, v in given.items() if v is not None},
+                           f"{run_dir}/run.json")
     run = runs.resolve(config, runs.load_models(config))
     if (run.config_hash, run.plan.num_shards) != (record.get("config_hash"), record.get("num_shards")):
         old = record.get("shard_config") or {}

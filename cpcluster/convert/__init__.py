@@ -15,7 +15,6 @@ Converters needing packages outside cpcluster's core (``msgpack`` for Flax check
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
 
 from cpcluster.errors import InputError
@@ -79,9 +78,7 @@ def run_conversion(kind: str, source: str, out: str, set_items=(), overwrite: bo
     options = parse_set_options(set_items, module.OPTIONS, what)
     if exists(join_url(out, META_FILE)) and not overwrite:
         raise InputError(f"{out} already holds a network folder; choose another OUT or add --overwrite")
-    if "://" not in source and os.path.exists(source) and not os.path.isfile(source):
-        raise InputError(f"{what}: {source} is not a regular file (a folder, device or pipe); give the checkpoint file")
-    source_sha = sha256_file(source, what)
+    source_sha = sha256_file(source, what)  # regular files only: a FIFO or a device is refused before reading
     result = module.convert(source, options, what)
     source_record = {"file": source, "sha256": source_sha, "format": kind, "options": options,
                      **result.source_info}

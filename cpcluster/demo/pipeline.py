@@ -18,7 +18,6 @@ the machinery, not the paper's perceptual metric. The output says so.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -114,12 +113,18 @@ def finetune_done(config) -> dict | None:
     """The ``final/cpcluster.json`` of a finished fine-tuning of exactly ``config``, else None."""
     from cpcluster.shards import config_hash
 
+    from cpcluster.fileio import read_json
+
     path = os.path.join(config.out, "final", "cpcluster.json")
     if not os.path.exists(path):
         return None
-    with open(path) as fh:
-        meta = json.load(fh)
-    run, finetuned = meta.get("finetune_run") or {}, meta.get("finetuned") or {}
+    try:
+        meta = read_json(path)
+    except InputError:  # damaged: not a finished fine-tuning, which is then run again
+        return None
+    run, finetuned = meta.get("finetune_run"), meta.get("finetuned")
+    if not isinstance(run, dict) or not isinstance(finetuned, dict):
+        return None
     if run.get("run_hash") != config_hash(config.run_dict()) or finetuned.get("step", 0) < config.steps:
         return None
     return meta

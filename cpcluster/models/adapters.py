@@ -43,6 +43,7 @@ from cpcluster.models.weights import apply_state_dict, load_state_dict, read_byt
 from cpcluster.models.unet_folder import META_KEYS, load_unet_folder, merge_meta, normalize_meta
 
 CLASSIFIER_KEYS = ("num_classes",) + TRANSFORM_KEYS
+MAX_CLASSES = 100_000  # a classifier head asked for by a spec option (ImageNet-21k has 21,841)
 
 
 class CropChannels(nn.Module):
@@ -159,7 +160,7 @@ def _classifier(net: nn.Module, num_classes: int, digest, transform: dict, extra
 
 def _num_classes(options: dict, module: nn.Module, what: str) -> int:
     if "num_classes" in options:
-        return parse_int(options["num_classes"], what, "num_classes", minimum=2)
+        return parse_int(options["num_classes"], what, "num_classes", minimum=2, maximum=MAX_CLASSES)
     value = getattr(module, "num_classes", None)
     if isinstance(value, int) and value >= 2:
         return value
@@ -177,9 +178,10 @@ def _timm_classifier(argument: str) -> LoadedClassifier:
         raise InputError(f"{what}: {name!r} is not a timm architecture (see timm.list_models())")
     kwargs = {}
     if "num_classes" in options:
-        kwargs["num_classes"] = parse_int(options["num_classes"], what, "num_classes", minimum=2)
+        kwargs["num_classes"] = parse_int(options["num_classes"], what, "num_classes", minimum=2,
+                                          maximum=MAX_CLASSES)
     if "in_chans" in options:
-        kwargs["in_chans"] = parse_int(options["in_chans"], what, "in_chans")
+        kwargs["in_chans"] = parse_int(options["in_chans"], what, "in_chans", maximum=64)
     net = timm.create_model(name, pretrained=False, **kwargs)  # pretrained=False: never touches the network
     digest = _load_weights(net, checkpoint, what) if checkpoint else None
     cfg = getattr(net, "pretrained_cfg", None) or {}

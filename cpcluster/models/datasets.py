@@ -23,11 +23,11 @@ import io
 import pickle
 import zipfile
 
-import fsspec
 import numpy as np
 
 from cpcluster.errors import InputError
-from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, sha256_rows
+from cpcluster.fileio import check_regular, filesystem, is_local_fs, open_regular, read_regular
+from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, read_npz, sha256_rows
 from cpcluster.models.loaded import ImageDataset
 from cpcluster.models.safepickle import safe_load
 from cpcluster.models.specs import register
@@ -36,6 +36,8 @@ from cpcluster.models.weights import read_bytes
 from cpcluster.shards import exists, is_local, join_url
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_IMAGE_PIXELS = 2**24  # 4096 x 4096: far above any dataset image, far below a decompression bomb
+MAX_IMAGE_BYTES = 64 * 2**20
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
@@ -133,14 +135,16 @@ def _cifar10(argument: str) -> ImageDataset:
 
 
 def _npz(url: str, what: str) -> dict:
-    """Every array of an .npz file (streamed from the file object: no second in-memory copy of the file)."""
-    try:
-        with fsspec.open(url, "rb") as fh, np.load(fh, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise InputError(f"{what} {url}: no such file") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{what} {url}: not a readable numeric .npz file ({e})") from None
+    """Every array of an .npz file (streamed from the file object; each member's header checked against the bytes
+    it holds before anything is allocated: :func:`cpcluster.models.lazy_arrays.read_npz`)."""
+    with open_regular(url, what) as fh:
+        try:
+            return read_npz(fh, f"{what} {url}")
+        except ValueError as e:
+            raise InputError(str(e) if str(e).startswith(f"{what} {url}") else
+                             f"{what} {url}: not a readable numeric .npz file ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as e:
+            raise InputError(f"{what} {url}: not a readable numeric .npz file ({type(e).__name__}: {e})") from None
 
 
 @register("dataset", "imagenet64")
@@ -166,7 +170,7 @@ def _imagenet64(argument: str) -> ImageDataset:
 
 def _imagenet_train_files(url: str, what: str) -> list[str]:
     """``train_data_batch_1.npz`` .. ``train_data_batch_K.npz`` of the folder ``url``, in batch order."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url, what)
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
@@ -186,12 +190,13 @@ def _imagenet_file(url: str) -> tuple:
     where = f"downsampled ImageNet file {url}"
     data = labels = None
     if is_local(url):
-        path = fsspec.core.url_to_fs(url)[1]
+        path = filesystem(url)[1]
+        check_regular(url, "downsampled ImageNet file")
         try:
             data = npz_member_memmap(path, "data")
             if data is not None:
-                with np.load(path, allow_pickle=False) as z:
-                    labels = z["labels"] if "labels" in z.files else None
+                with open(path, "rb") as fh:
+                    labels = read_npz(fh, where, ("labels",)).get("labels")
         except (KeyError, OSError, ValueError, zipfile.BadZipFile):
             data = None  # read below, which names the problem
     if data is None or labels is None:
@@ -243,7 +248,7 @@ def _image_folder(argument: str) -> ImageDataset:
     what = f"--dataset folder:{argument}"
     url, options = split_options(argument, what, ("mode",))
     mode = parse_choice(options, "mode", ("RGB", "L"), what)
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url, what)
     if not fs.isdir(root):
         raise InputError(f"{what}: {url} is not a folder")
     classes = sorted(e["name"].rstrip("/") for e in fs.ls(root, detail=True) if e["type"] == "directory")
@@ -252,11 +257,15 @@ def _image_folder(argument: str) -> ImageDataset:
     images, labels, size = [], [], None
     for label, folder in enumerate(classes):
         for path in sorted(p for p in fs.find(folder) if p.lower().endswith(IMAGE_SUFFIXES)):
+            raw = read_regular(path if is_local_fs(fs) else fs.unstrip_protocol(path), "image", MAX_IMAGE_BYTES)
             try:
-                with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+                with Image.open(io.BytesIO(raw)) as im:
+                    if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # checked before the pixels are decoded
+                        raise InputError(f"image {path}: {im.size[0]}x{im.size[1]} pixels is more than the "
+                                         f"{MAX_IMAGE_PIXELS:,} an image of a dataset may have (decompression bomb?)")
                     arr = np.asarray(im.convert(mode))
-            except (UnidentifiedImageError, OSError) as e:
-                raise InputError(f"image {path}: cannot be decoded ({e})") from None
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+                raise InputError(f"image {path}: cannot be decoded ({type(e).__name__}: {e})") from None
             if size is None:
                 size = arr.shape[:2]
             elif arr.shape[:2] != size:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cpcluster.config import check_label_policy
 from cpcluster.errors import InputError
 from cpcluster.models.consistency import ConsistencyFunction, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
@@ -25,6 +26,9 @@ class LabelPolicy:
     """Labels for class-conditional purifiers: ``"fixed:K"`` or ``"random"`` (uniform, from the batch generator)."""
 
     text: str = "random"
+
+    def __post_init__(self):
+        check_label_policy(self.text)
 
     def labels(self, batch: int, num_classes: int | None, device, generator=None) -> torch.Tensor | None:
         """(batch,) int64 labels, or None for an unconditional network. Never depends on the true label."""

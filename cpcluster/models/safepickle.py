@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 
 import numpy as np
 
@@ -67,7 +68,10 @@ def _array(shape, dtype, raw, fortran: bool = False) -> np.ndarray:
         raise pickle.UnpicklingError("array without a dtype")
     shape = tuple(int(s) for s in shape)
     data = _raw_bytes(raw)
-    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+    count = 1
+    for dim in shape:  # Python integers: an absurd shape cannot overflow into a match
+        count *= dim
+    if any(dim < 0 for dim in shape) or len(data) != count * dtype.itemsize:
         raise pickle.UnpicklingError(f"array of shape {shape} and dtype {dtype} does not match its {len(data)} bytes")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
@@ -113,41 +117,103 @@ _STANDINS = {
 }
 
 
+MAX_DEPTH = 32
+
+
+class _Budget:
+    """What loading and materialising may still build: containers and their items, and array bytes.
+
+    A pickle can reference one object many times (the memo), so a small file can describe a structure that is
+    huge once expanded (a list holding a list holding ..., each shared). Materialising copies, so every visit of a
+    shared object counts: the totals are bounded by the size of the pickle itself, as they are for any file that
+    does not share objects (each item costs at least one opcode byte, each array byte one file byte).
+    """
+
+    def __init__(self, size: int):
+        self.items = size + 1024
+        self.bytes = size + 1024
+
+    def spend_items(self, n: int) -> None:
+        self.items -= n
+        if self.items < 0:
+            raise pickle.UnpicklingError("the pickle expands to more objects than it holds (shared references?)")
+
+    def spend_bytes(self, n: int) -> None:
+        self.bytes -= n
+        if self.bytes < 0:
+            raise pickle.UnpicklingError("the pickle expands to more array data than it holds (shared references?)")
+
+
 class InertUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` never imports anything (see the module docstring)."""
+    """An unpickler whose ``find_class`` never imports anything (see the module docstring).
+
+    The stand-ins that copy bytes while loading (``_frombuffer``, ``_codecs.encode``) spend from ``budget``
+    (:func:`safe_load` gives the size of the pickle), so bytes shared through the memo cannot be copied into
+    gigabytes.
+    """
+
+    def __init__(self, file, *, budget: _Budget | None = None, **kwargs):
+        super().__init__(file, **kwargs)
+        self.budget = budget if budget is not None else _Budget(2**40)
 
     def find_class(self, module, name):
         standin = _STANDINS.get((module, name))
         if standin is None:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if standin in (_frombuffer, _codecs_encode):
+            budget = self.budget
+
+            def spending(*args, **kwargs):
+                budget.spend_bytes(sum(len(a) for a in args if isinstance(a, (bytes, bytearray, str))))
+                return standin(*args, **kwargs)
+
+            return spending
         return standin
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused persistent id")
 
 
-def _materialize(obj):
+def _materialize(obj, budget: _Budget, depth: int = 0):
+    if depth > MAX_DEPTH:
+        raise pickle.UnpicklingError(f"the pickle nests deeper than {MAX_DEPTH} levels")
+    budget.spend_items(1)
     if isinstance(obj, _ArrayRecord):
         state = obj.state
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise pickle.UnpicklingError("malformed numpy array state")
         shape, dtype, fortran, raw = state[-4:]
+        budget.spend_bytes(len(raw) if isinstance(raw, (bytes, bytearray, str)) else 0)
         return _array(shape, dtype, raw, bool(fortran))
     if isinstance(obj, (_DtypeRecord, _NDArrayMark)) or obj is _NDArrayMark:
         raise pickle.UnpicklingError("stray numpy object outside an array")
+    if isinstance(obj, np.ndarray):  # built by _frombuffer; a shared one would be copied again downstream
+        budget.spend_bytes(obj.nbytes)
+        return obj
+    if isinstance(obj, (bytes, bytearray, str)):
+        budget.spend_bytes(len(obj))
+        return obj
     if isinstance(obj, dict):
-        return {_materialize(k): _materialize(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialize(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v) for v in obj)
+        budget.spend_items(len(obj))
+        return {_materialize(k, budget, depth + 1): _materialize(v, budget, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        budget.spend_items(len(obj))
+        items = [_materialize(v, budget, depth + 1) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
     return obj
 
 
 def safe_load(raw: bytes, encoding: str = "bytes"):
     """Unpickle ``raw`` with :class:`InertUnpickler`; numpy arrays come back as real (copied) numeric arrays.
 
-    Raises :class:`pickle.UnpicklingError` (or EOFError / ValueError for truncated input) on anything refused.
+    What the result may hold is bounded by ``len(raw)`` (objects and array bytes, see :class:`_Budget`) and by
+    :data:`MAX_DEPTH`. Raises :class:`pickle.UnpicklingError` on anything refused or malformed.
     """
-    obj = InertUnpickler(io.BytesIO(raw), encoding=encoding).load()
-    return _materialize(obj)
+    try:
+        obj = InertUnpickler(io.BytesIO(raw), encoding=encoding, budget=_Budget(len(raw))).load()
+        return _materialize(obj, _Budget(len(raw)))
+    except pickle.UnpicklingError:
+        raise
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, RecursionError, MemoryError,
+            OverflowError, UnicodeDecodeError, struct.error) as e:
+        raise pickle.UnpicklingError(f"malformed pickle ({type(e).__name__}: {e})") from None

@@ -15,6 +15,8 @@ Transform keys (all optional; applied in this order to the pixel-space image in 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -60,21 +62,34 @@ def parse_choice(options: dict, key: str, choices: tuple, what: str) -> str:
     return value
 
 
-def parse_int(value, what: str, key: str, minimum: int = 1) -> int:
+MAX_OPTION_INT = 10**6  # sizes, classes, steps: no network or schedule option needs more
+
+
+def parse_int(value, what: str, key: str, minimum: int = 1, maximum: int = MAX_OPTION_INT) -> int:
+    """An integer option (text or JSON number) in ``[minimum, maximum]``; InputError naming it otherwise."""
+    text = str(value)
+    if isinstance(value, (bool, float)) or len(text) > 20:
+        raise InputError(f"{what}: {key}={text[:30]!r} is not an integer")
     try:
-        number = int(str(value))
+        number = int(text)
     except ValueError:
         raise InputError(f"{what}: {key}={value!r} is not an integer") from None
     if number < minimum:
         raise InputError(f"{what}: {key}={value} must be >= {minimum}")
+    if number > maximum:
+        raise InputError(f"{what}: {key}={value} must be <= {maximum}")
     return number
 
 
 def parse_float(value, what: str, key: str) -> float:
+    """A finite number option (text or JSON number); InputError naming it otherwise (NaN and inf included)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise InputError(f"{what}: {key}={value!r} is not a number") from None
+    if not math.isfinite(number) or isinstance(value, bool):
+        raise InputError(f"{what}: {key}={value!r} must be a finite number")
+    return number
 
 
 def parse_bool(value, what: str, key: str) -> bool:
@@ -103,7 +118,7 @@ def transform_from_options(options: dict, what: str, default_norm=(None, None), 
         parts = options["resize"].lower().split("x")
         if len(parts) not in (1, 2):
             raise InputError(f"{what}: resize={options['resize']!r}: use S or HxW")
-        dims = [parse_int(p, what, "resize") for p in parts]
+        dims = [parse_int(p, what, "resize", maximum=8192) for p in parts]
         size = dims * 2 if len(dims) == 1 else dims
     interp = parse_choice(options, "interp", INTERPOLATIONS, what)
     antialias = parse_bool(options.get("antialias", "1"), what, "antialias") and interp in ("bilinear", "bicubic")

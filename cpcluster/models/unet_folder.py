@@ -33,6 +33,7 @@ from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, r
 from cpcluster.shards import exists, join_url
 
 KINDS = ("consistency", "edm", "ddpm")
+MAX_TIMESTEPS = 100_000  # grid points / DDPM timesteps a network may name (the releases use 18 to 4000)
 SCHEDULE_KEYS = ("schedule", "beta_start", "beta_end", "timesteps")
 META_KEYS = ("kind", "c_noise", "grid_steps", "num_classes", "prediction", "preconditioned", "sigma_data", "betas",
              *SCHEDULE_KEYS)
@@ -64,6 +65,9 @@ def normalize_meta(raw: dict, what: str) -> dict:
         raise InputError(f"{what}: cannot tell the network kind (got {kind!r}); add ?kind=consistency, edm or ddpm "
                          "(or a cpcluster.json / scheduler config beside the weights)")
     meta: dict = {"kind": kind}
+    for key in ("c_noise", "prediction", "schedule", "schedule_name"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise InputError(f"{what}: {key}={raw[key]!r} must be a name (a string)")
     nc = raw.get("num_classes")
     meta["num_classes"] = parse_int(nc, what, "num_classes", minimum=1) if nc not in (None, "", "none") else None
     if kind in ("consistency", "edm"):
@@ -73,10 +77,13 @@ def normalize_meta(raw: dict, what: str) -> dict:
             raise InputError(f"{what}: c_noise={c_noise!r}; use one of {', '.join(sorted(allowed))}")
         meta["c_noise"] = c_noise
         gs = raw.get("grid_steps")
-        meta["grid_steps"] = parse_int(gs, what, "grid_steps", minimum=2) if gs not in (None, "") else None
+        meta["grid_steps"] = parse_int(gs, what, "grid_steps", minimum=2, maximum=MAX_TIMESTEPS) \
+            if gs not in (None, "") else None
     if kind == "edm":
         meta["preconditioned"] = parse_bool(raw.get("preconditioned", False), what, "preconditioned")
         meta["sigma_data"] = parse_float(raw.get("sigma_data", SIGMA_DATA), what, "sigma_data")
+        if meta["sigma_data"] <= 0:
+            raise InputError(f"{what}: sigma_data={meta['sigma_data']} must be positive")
     elif raw.get("preconditioned") is not None or raw.get("sigma_data") is not None:
         raise InputError(f"{what}: preconditioned / sigma_data apply to kind=edm only (the consistency function "
                          f"uses sigma_data = {SIGMA_DATA})")
@@ -85,11 +92,14 @@ def normalize_meta(raw: dict, what: str) -> dict:
         if meta["prediction"] not in PREDICTIONS:
             raise InputError(f"{what}: prediction={meta['prediction']!r}; use one of {', '.join(PREDICTIONS)}")
         if raw.get("betas") is not None:
-            betas = [float(b) for b in raw["betas"]]
+            betas = raw["betas"]
+            if not isinstance(betas, (list, tuple)) or not 1 <= len(betas) <= MAX_TIMESTEPS:
+                raise InputError(f"{what}: betas must be a list of 1 to {MAX_TIMESTEPS} numbers")
+            betas = [parse_float(b, what, "betas") for b in betas]
             meta["schedule"] = raw.get("schedule_name") or f"explicit betas (T={len(betas)})"
         else:
             name = raw.get("schedule") or "linear"
-            steps = parse_int(raw.get("timesteps", 1000), what, "timesteps")
+            steps = parse_int(raw.get("timesteps", 1000), what, "timesteps", maximum=MAX_TIMESTEPS)
             start = parse_float(raw.get("beta_start", 1e-4), what, "beta_start")
             end = parse_float(raw.get("beta_end", 0.02), what, "beta_end")
             betas = ddpm_betas(name, steps, start, end).tolist()
@@ -107,13 +117,14 @@ def normalize_meta(raw: dict, what: str) -> dict:
 def scheduler_meta(cfg: dict, url: str) -> dict:
     """Raw metadata implied by a diffusers scheduler config (empty for schedulers it says nothing about)."""
     name = cfg.get("_class_name", "")
+    where = f"scheduler config {url}"
     if name == "CMStochasticIterativeScheduler":
         expected = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA, "rho": RHO}
         for key, value in expected.items():
-            if abs(float(cfg.get(key, value)) - value) > 1e-9:
-                raise InputError(f"scheduler config {url}: {key}={cfg[key]} but cpcluster's consistency function "
-                                 f"uses {key}={value}")
-        return {"kind": "consistency", "c_noise": "openai", "grid_steps": int(cfg.get("num_train_timesteps", 40))}
+            if abs(parse_float(cfg.get(key, value), where, key) - value) > 1e-9:
+                raise InputError(f"{where}: {key}={cfg[key]} but cpcluster's consistency function uses {key}={value}")
+        steps = parse_int(cfg.get("num_train_timesteps", 40), where, "num_train_timesteps", 2, MAX_TIMESTEPS)
+        return {"kind": "consistency", "c_noise": "openai", "grid_steps": steps}
     if "beta_schedule" in cfg or cfg.get("trained_betas") is not None:
         raw = {"kind": "ddpm", "prediction": cfg.get("prediction_type", "epsilon")}
         if cfg.get("trained_betas") is not None:

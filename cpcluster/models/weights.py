@@ -2,22 +2,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
-import fsspec
 import torch
 
 from cpcluster.errors import InputError
+from cpcluster.fileio import MAX_JSON_BYTES, open_regular, read_json, read_regular
 
 
 def read_bytes(url: str, what: str) -> bytes:
-    try:
-        with fsspec.open(url, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise InputError(f"{what} {url}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{what} {url}: cannot read ({e})") from None
+    """The bytes of the regular file ``url`` (:func:`cpcluster.fileio.read_regular`: no FIFO or device)."""
+    return read_regular(url, what)
 
 
 def sha256_bytes(raw: bytes) -> str:
@@ -27,18 +21,13 @@ def sha256_bytes(raw: bytes) -> str:
 def sha256_file(url: str, what: str, chunk: int = 2**24) -> str:
     """sha256 of a file read in chunks (a multi-GB checkpoint is not held in memory for it)."""
     digest = hashlib.sha256()
-    try:
-        with fsspec.open(url, "rb") as fh:
+    with open_regular(url, what) as fh:
+        try:
             while block := fh.read(chunk):
                 digest.update(block)
-    except FileNotFoundError:
-        raise InputError(f"{what} {url}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{what} {url}: cannot read ({e})") from None
+        except OSError as e:
+            raise InputError(f"{what} {url}: cannot read ({e.strerror or e})") from None
     return digest.hexdigest()
-
-
-MAX_JSON_BYTES = 16 * 2**20
 
 
 def read_json_object(url: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict:
@@ -46,16 +35,7 @@ def read_json_object(url: str, what: str, max_bytes: int = MAX_JSON_BYTES) -> di
 
     Anything else (too large, not JSON, too deeply nested, a list) is one :class:`InputError` naming the file.
     """
-    raw = read_bytes(url, what)
-    if len(raw) > max_bytes:
-        raise InputError(f"{what} {url}: {len(raw)} bytes is too large for a metadata file (limit {max_bytes})")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"{what} {url}: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{what} {url}: expected a JSON object, found {type(value).__name__}")
-    return value
+    return read_json(url, what, dict, max_bytes)
 
 
 def load_state_dict(url: str, what: str = "checkpoint") -> tuple[dict, str]:
@@ -97,10 +77,7 @@ def load_sharded_state_dict(index_url: str, what: str = "checkpoint") -> tuple[d
     whenever any shard does. Every file is read with :func:`load_state_dict`; a tensor the map lists but no file
     holds, or a file name that leaves the folder, is an :class:`InputError` naming the index.
     """
-    try:
-        weight_map = json.loads(read_bytes(index_url, what))["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{what} {index_url}: not a weight index (JSON with a weight_map)") from None
+    weight_map = read_json_object(index_url, what).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
             for v in weight_map.values()):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cpcluster.errors import InputError
-from cpcluster.models.archs.params import get_int, get_int_list, get_optional_int
+from cpcluster.models.archs.params import get_float, get_int, get_int_list, get_optional_int
 
 MAX_CHANNELS = 8192
 
@@ -36,6 +36,17 @@ def check_config(config: dict, what: str) -> None:
     get_int(config, "layers_per_block", what, 1, 32, default=2)
     get_int_list(config, "block_out_channels", what, 1, MAX_CHANNELS, 16, default=[224, 448, 672, 896], min_len=1)
     get_optional_int(config, "num_class_embeds", what, 1, 1_000_000)
+    get_optional_int(config, "time_embedding_dim", what, 1, 4 * MAX_CHANNELS)
+    get_optional_int(config, "num_train_timesteps", what, 1, 1_000_000)
+    get_optional_int(config, "norm_num_groups", what, 1, MAX_CHANNELS)
+    get_optional_int(config, "attn_norm_num_groups", what, 1, MAX_CHANNELS)
+    head = config.get("attention_head_dim")
+    if head is not None and not isinstance(head, list):
+        get_int(config, "attention_head_dim", what, 1, MAX_CHANNELS)
+    elif head is not None:
+        get_int_list(config, "attention_head_dim", what, 1, MAX_CHANNELS, 16)
+    if config.get("norm_eps") is not None:
+        get_float(config, "norm_eps", what, 0.0, 1.0)
     for key in ("down_block_types", "up_block_types"):
         blocks = config.get(key, ())
         if not isinstance(blocks, (list, tuple)) or len(blocks) > 16 or not all(isinstance(b, str) for b in blocks):
