@@ -242,7 +242,13 @@ def _wait_for(path, timeout=30):
 def test_usr2_to_the_batch_shell_reaches_srun_and_its_status_is_kept(tmp_path, exit_code):
     proc = _forwarding_shell(tmp_path, exit_code)
     _wait_for(tmp_path / "ready")
-    proc.send_signal(signal.SIGUSR2)  # what `scancel --batch --signal=USR2` does
+    # What `scancel --batch --signal=USR2` does. The fake srun writes "ready" as soon as it runs, which on a loaded
+    # machine can be before the shell has recorded its pid; a USR2 then is ignored by the shell (it survives, as it
+    # must) and the signal is sent again, as SLURM's repeated checkpoint signals would.
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and not (tmp_path / "got").exists() and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
     assert proc.wait(timeout=30) == exit_code  # the shell survived the signal and returns srun's status
     assert (tmp_path / "got").read_text() == "usr2\n"
 
