@@ -20,7 +20,6 @@ SLOW_TESTS = {
     "test_shipped_weights_measure_as_recorded",
     "test_two_gloo_ranks_through_submitit",
     "test_upstream_file_converts_inspects_certifies_and_aggregates",
-    "test_usr2_to_the_batch_shell_reaches_srun_and_its_status_is_kept",
 }
 
 
