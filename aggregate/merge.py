@@ -1,7 +1,7 @@
 """Validate shard files against each other and merge their unit counts into per-image counts (DESIGN.md §5).
 
-Files are grouped by ``(method, sigma, mode)``; :func:`method_name` derives the method from the config's purifier and
-denoiser. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
+Files are grouped by ``(method, sigma, mode)``, where the method is the identity of :mod:`cpcluster.aggregate.identity`
+(everything that defines the smoothed classifier and its certification) under a readable label. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
 ``(image, stream, block)`` may appear twice with different counts (an identical duplicate row is dropped with a
 warning). Every unit must be one the config plans: the selection unit ``(i, 0, 0)`` with ``n0`` draws (certify
 mode only) and estimation blocks ``(i, 1, b)``, ``b < ceil(n / block_size)``, with ``block_size`` draws (the last
@@ -15,46 +15,24 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
+from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
 from cpcluster.errors import InputError
 from cpcluster.shards import ShardData
 
 MODES = ("certify", "predict")
-# Purifier parameters that tell methods apart. Sigma-dependent ones (t_sigma, the chosen DDPM step) must not be
-# here, or the same method at two sigmas would look like two methods and the best-over-sigma row would break.
-NAME_KEYS = ("time_rule", "steps", "solver", "label_policy")
-NAME_DEFAULTS = {"time_rule": "nearest"}
-
-
-def method_name(config: dict) -> str:
-    """Readable method name from ``config["purifier"]`` and ``config["denoiser"]``.
-
-    ``"none"`` for the identity purifier; else ``"kind(denoiser spec[, key=value ...])"`` with the non-default
-    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``.
-    """
-    pur = config.get("purifier")
-    kind = pur.get("kind") if isinstance(pur, dict) else pur
-    if not isinstance(kind, str) or not kind:
-        raise ValueError("config key 'purifier' must be an object with a 'kind' string")
-    if kind == "none":
-        return "none"
-    den = config.get("denoiser")
-    spec = den.get("spec") if isinstance(den, dict) else den
-    parts = [str(spec)] if spec else []
-    if isinstance(pur, dict):
-        parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
-    return f"{kind}({', '.join(parts)})" if parts else kind
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """What one file's config says about the units of every image."""
 
-    method: str
+    method: str  # the table label (readable name, plus a suffix where two methods would share it)
+    method_id: str  # identity hash: equal exactly for runs of one method
     sigma: float
     mode: str
     n0: int  # 0 in predict mode
@@ -100,7 +78,7 @@ def run_plan(shard: ShardData) -> RunPlan:
     except ValueError as e:
         raise InputError(f"{path}: {e}") from None
     n0 = _positive_int(c, "n0", path) if mode == "certify" else 0
-    return RunPlan(method=method, sigma=float(sigma), mode=mode, n0=n0, n=_positive_int(c, "n", path),
+    return RunPlan(method=method, method_id=identity_hash(c), sigma=float(sigma), mode=mode, n0=n0, n=_positive_int(c, "n", path),
                    block_size=_positive_int(c, "block_size", path), num_classes=c["num_classes"])
 
 
@@ -271,13 +249,23 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
 
 
 def merge_shards(shards: Sequence[ShardData]) -> list:
-    """Group shards by ``(method, sigma, mode)`` and merge each group; returns them sorted by that key.
+    """Group shards by ``(method, sigma, mode)`` and merge each group; returns them sorted by (label, sigma, mode).
 
-    ``mode`` is part of the key so a CERTIFY and a PREDICT run at the same sigma are two rows, not a conflict."""
+    The method is the identity hash; every group's plan carries its label from
+    :func:`cpcluster.aggregate.identity.method_labels`. ``mode`` is part of the key so a CERTIFY and a PREDICT run
+    at the same sigma are two rows, not a conflict."""
     if not shards:
         raise InputError("no shard files given")
     groups: dict = {}
+    methods: dict = {}
     for s in shards:
         plan = run_plan(s)
-        groups.setdefault((plan.method, plan.sigma, plan.mode), (plan, []))[1].append(s)
-    return [merge_group(files, plan) for _, (plan, files) in sorted(groups.items(), key=lambda kv: kv[0])]
+        groups.setdefault((plan.method_id, plan.sigma, plan.mode), (plan, []))[1].append(s)
+        methods.setdefault(plan.method_id, (plan.method, identity(s.config), plan.mode))
+    partner = predict_partners(methods)
+    labels = method_labels({mid: m[:2] for mid, m in methods.items() if mid not in partner})
+    labels.update({mid: labels[other] for mid, other in partner.items()})
+    plans = [(replace(plan, method=labels[plan.method_id], method_id=partner.get(plan.method_id, plan.method_id)),
+              files) for plan, files in groups.values()]
+    plans.sort(key=lambda pf: (pf[0].method, pf[0].sigma, pf[0].mode))
+    return [merge_group(files, plan) for plan, files in plans]

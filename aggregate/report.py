@@ -56,7 +56,7 @@ def summary_dict(results: Sequence[GroupResult], envs: Sequence[Envelope], alpha
     for r, name in zip(results, names):
         p = r.group.plan
         groups.append({
-            "method": p.method, "sigma": p.sigma, "mode": p.mode, "n0": p.n0, "n": p.n,
+            "method": p.method, "method_id": p.method_id, "sigma": p.sigma, "mode": p.mode, "n0": p.n0, "n": p.n,
             "num_classes": p.num_classes, "config_hash": r.group.config_hash, "tsv": name,
             "images_listed": int(len(r.group.image_index)), "images_evaluated": int(len(r.idx)),
             "images_missing": r.missing.tolist(), "images_partial": r.partial.tolist(),

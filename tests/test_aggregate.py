@@ -144,6 +144,64 @@ def test_groups_envelope_and_method_names(tmp_path):
     assert os.path.getsize(tmp_path / "aggregate" / "certified_accuracy.png") > 1000
 
 
+def test_one_method_across_sigmas_although_sigma_dependent_parameters_differ(tmp_path):
+    """t_sigma (and the other purifier values derived from sigma) differ per sigma: still one method, one envelope."""
+    paths = []
+    for k, (sigma, t) in enumerate([(0.25, 0.5853), (0.5, 1.0882), (1.0, 1.9233)]):
+        cfg, units, counts, labels = _run_data(sigma, 80 + k)
+        cfg["purifier"]["t_sigma"] = t
+        paths += write_split(tmp_path / f"s{k}", cfg, units, counts, labels, 2)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "s*"),), radii=(0.0, 0.5)))
+    assert {r.group.plan.method for r in res.results} == {"consistency(demo-random)"}
+    assert len({r.group.plan.method_id for r in res.results}) == 1
+    (env,) = res.envelopes
+    assert env.sigmas == (0.25, 0.5, 1.0)
+
+
+def test_runs_that_differ_in_what_defines_the_smoothed_classifier_are_separate_methods(tmp_path):
+    """Other classifier, seed or n: separate rows and envelopes, labels told apart only where they would clash."""
+    other = {"classifier": {"spec": "resnet-b", "sha256": "2" * 64}}
+    runs = [("a", 0.25, {}), ("b", 0.5, {}), ("c", 0.25, other), ("d", 0.5, other), ("e", 0.5, {"seed": 7}),
+            ("f", 0.5, {"purifier": "none"})]
+    for k, (name, sigma, extra) in enumerate(runs):
+        cfg, units, counts, labels = _run_data(sigma, 90 + k, **{k: v for k, v in extra.items() if k != "seed"})
+        cfg["seed"] = extra.get("seed", 0)
+        write_split(tmp_path / name, cfg, units, counts, labels, 1)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "?"),), radii=(0.0, 0.5)))
+    rows = [(r.group.plan.method, r.group.plan.sigma) for r in res.results]
+    base = "consistency(demo-random)"
+    assert rows == [(f"{base} [classifier=demo-random, seed=0]", 0.25), (f"{base} [classifier=demo-random, seed=0]", 0.5),
+                    (f"{base} [classifier=demo-random, seed=7]", 0.5), (f"{base} [classifier=resnet-b, seed=0]", 0.25),
+                    (f"{base} [classifier=resnet-b, seed=0]", 0.5), ("none", 0.5)]
+    by = {(r.group.plan.method, r.group.plan.sigma): r.certified_accuracy for r in res.results}
+    envs = {e.method: e for e in res.envelopes}
+    for label in (f"{base} [classifier=demo-random, seed=0]", f"{base} [classifier=resnet-b, seed=0]"):
+        np.testing.assert_array_equal(envs[label].certified_accuracy,
+                                      np.maximum(by[(label, 0.25)], by[(label, 0.5)]))  # its own sigmas only
+    assert envs[f"{base} [classifier=demo-random, seed=7]"].sigmas == (0.5,)
+    assert len({r.group.plan.method_id for r in res.results}) == 4
+
+
+def test_method_labels_stay_distinct_and_short():
+    from cpcluster.aggregate.identity import identity, identity_hash, method_labels
+
+    long_a = make_config(0.5, dataset={"spec": "folder:/data/" + "x" * 60 + "/a"})
+    long_b = make_config(0.5, dataset={"spec": "folder:/data/" + "x" * 60 + "/b"})
+    other = make_config(0.5, n=128)
+    methods = {identity_hash(c): ("consistency(demo-random)", identity(c)) for c in (long_a, long_b, other)}
+    labels = method_labels(methods)
+    assert len(set(labels.values())) == 3
+    assert labels[identity_hash(other)] == "consistency(demo-random) [dataset=(absent), n=128]"
+    for cfg in (long_a, long_b):  # the truncated specs coincide: the identity hash tells them apart
+        assert f"#{identity_hash(cfg)[:8]}]" in labels[identity_hash(cfg)]
+        assert len(labels[identity_hash(cfg)]) < 90
+    assert method_labels({identity_hash(other): ("none", identity(other))}) == {identity_hash(other): "none"}
+    # sigma, block size and early stopping are no part of the identity; n, seed, dtype and noise are
+    assert identity_hash(make_config(0.25, block_size=64)) == identity_hash(make_config(1.0, early_stop={"a": 1}))
+    for change in ({"n": 65}, {"seed": 1}, {"dtype": "bfloat16"}, {"noise": "v2"}, {"draw_batch": 8}):
+        assert identity_hash(make_config(0.5, **change)) != identity_hash(make_config(0.5))
+
+
 def test_predict_mode_group_matches_binomtest(tmp_path):
     cfg, units, counts, labels = _run_data(0.5, 41, mode="predict")
     assert (units[:, 1] == 1).all()
