@@ -28,7 +28,7 @@ class GroupResult:
     radius: np.ndarray  # (E,) pixel-space L2 radius, 0.0 on abstain and always in predict mode
     n0: np.ndarray  # (E,) selection draws used
     n: np.ndarray  # (E,) estimation draws used
-    missing: np.ndarray  # image indices not evaluated (incomplete, default mode)
+    missing: np.ndarray  # image indices not evaluated: incomplete (default mode) or held only by absent shard files
     partial: np.ndarray  # image indices evaluated with fewer draws than planned (allow_partial)
     certified_accuracy: np.ndarray  # (R,) at the requested radii; NaN at r > 0 in predict mode
     acr: float  # NaN in predict mode or with no image
@@ -61,7 +61,7 @@ def evaluate_group(group: GroupCounts, alpha: float, radii: Sequence[float], all
         acr = float("nan")
     return GroupResult(group=group, idx=group.image_index[use], label=group.labels[use], predict=predict,
                        radius=radius, n0=pick(group.n0_present), n=n,
-                       missing=group.image_index[~use], partial=group.image_index[use & ~group.complete],
+                       missing=np.union1d(group.image_index[~use], group.absent), partial=group.image_index[use & ~group.complete],
                        certified_accuracy=cert, acr=acr)
 
 

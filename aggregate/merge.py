@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cpcluster.aggregate.absent import absent_images
 from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
 from cpcluster.errors import InputError
 from cpcluster.shards import ShardData
@@ -98,6 +99,7 @@ class GroupCounts:
     n_present: np.ndarray  # (M,) int64 estimation draws present (row sums of counts)
     complete: np.ndarray  # (M,) bool, every planned unit present
     missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
+    absent: np.ndarray  # (A,) int64 images the plan gives to absent shards and no file lists
     warnings: tuple
 
 
@@ -140,6 +142,12 @@ def _missing_shards(shards: Sequence[ShardData]) -> tuple:
     if len(totals) != 1:
         return ()
     return tuple(sorted(set(range(totals.pop())) - {d["index"] for d in info}))
+
+
+def _head(values, k: int = 10) -> str:
+    """The first ``k`` values, comma-separated, with `` ...`` when there are more."""
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:k])) + (" ..." if len(values) > k else "")
 
 
 def _as_slice(idx: np.ndarray):
@@ -237,15 +245,16 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
                 np.add.at(draws[stream], pos, s.units[rows, 3])
         per_image_units += np.bincount(np.searchsorted(image_index, s.units[kept, 0]), minlength=m)
     missing_shards = _missing_shards(shards)
+    absent, problem = absent_images(shards, missing_shards)
     if missing_shards:
-        head = ", ".join(map(str, missing_shards[:10])) + (" ..." if len(missing_shards) > 10 else "")
+        held = f"{problem}" if problem else f"they alone held {len(absent)} image(s) (index {_head(absent)})"
         warnings.append(f"{plan.method} sigma {plan.sigma:g}: {len(missing_shards)} shard file(s) absent "
-                        f"(index {head})")
+                        f"(index {_head(missing_shards)}); {held}")
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
                        counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
                        complete=per_image_units == plan.units_per_image,
-                       missing_shards=missing_shards, warnings=tuple(warnings))
+                       missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
 
 
 def merge_shards(shards: Sequence[ShardData]) -> list:

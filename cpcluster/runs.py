@@ -23,29 +23,12 @@ import numpy as np
 from cpcluster import __version__
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
-from cpcluster.sharding.plan import Plan, make_plan
+from cpcluster.sharding.plan import Plan, plan_from_config, select_images  # noqa: F401 (select_images: re-export)
 from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, shard_name,
                               write_bytes_atomic)
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.jsonl"
-
-
-def select_images(size: int, skip: int = 1, max_images: int | None = None, indices=None) -> np.ndarray:
-    """Dataset indices to evaluate: ``indices`` (default ``0..size-1``), every ``skip``-th, the first ``max_images``.
-
-    ``skip`` has Cohen's meaning (images 0, K, 2K, ...). Raises :class:`InputError` for an index outside the data.
-    """
-    base = np.arange(size, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-    if len(base) and (base.min() < 0 or base.max() >= size):
-        bad = int(base[(base < 0) | (base >= size)][0])
-        raise InputError(f"--indices: image {bad} is outside the dataset's 0..{size - 1}")
-    chosen = base[::skip]
-    if max_images is not None:
-        chosen = chosen[:max_images]
-    if not len(chosen):
-        raise InputError("no images selected: check --indices, --skip and --max-images")
-    return chosen
 
 
 @dataclass
@@ -133,9 +116,9 @@ def resolve(config: CertifyConfig, models: Models, purifier=None) -> ResolvedRun
     """Resolve ``config`` against loaded ``models`` (InputError for more shards than units, bad indices...)."""
     purifier = purifier if purifier is not None else build_purifier(config, models)
     cfg = shard_config(config, models, purifier)
-    ids = select_images(len(models.dataset), config.skip, config.max_images, config.indices)
+    plan = plan_from_config(cfg, config.num_shards)
+    ids = plan.images
     labels = np.asarray(models.dataset.labels, dtype=np.int64)[ids]
-    plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
     return ResolvedRun(config, cfg, config_hash(cfg), ids, labels, plan)
 
 

@@ -125,8 +125,8 @@ def load_run(run_dir: str):
     the record's unit and draw totals.
     """
     from cpcluster.config import CertifyConfig
-    from cpcluster.runs import RUN_FILE, read_run, select_images
-    from cpcluster.sharding.plan import make_plan
+    from cpcluster.runs import RUN_FILE, read_run
+    from cpcluster.sharding.plan import plan_from_config
 
     record = read_run(run_dir)
     if record is None:
@@ -134,9 +134,7 @@ def load_run(run_dir: str):
                          "`cpcluster certify` printed)")
     try:
         config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
-        size = int(record["shard_config"]["dataset"]["size"])
-        ids = select_images(size, config.skip, config.max_images, config.indices)
-        plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
+        plan = plan_from_config(record["shard_config"], config.num_shards)
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise InputError(f"{run_dir}/{RUN_FILE} cannot be read as a certify run ({type(e).__name__}: {e}); rerun "
                          "`cpcluster certify` with --overwrite") from None

@@ -27,6 +27,23 @@ ESTIMATION = 1
 MODES = ("certify", "predict")
 
 
+def select_images(size: int, skip: int = 1, max_images: int | None = None, indices=None) -> np.ndarray:
+    """Dataset indices to evaluate: ``indices`` (default ``0..size-1``), every ``skip``-th, the first ``max_images``.
+
+    ``skip`` has Cohen's meaning (images 0, K, 2K, ...). Raises :class:`InputError` for an index outside the data.
+    """
+    base = np.arange(size, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(base) and (base.min() < 0 or base.max() >= size):
+        bad = int(base[(base < 0) | (base >= size)][0])
+        raise InputError(f"--indices: image {bad} is outside the dataset's 0..{size - 1}")
+    chosen = base[::skip]
+    if max_images is not None:
+        chosen = chosen[:max_images]
+    if not len(chosen):
+        raise InputError("no images selected: check --indices, --skip and --max-images")
+    return chosen
+
+
 def build_units(images: Sequence[int], n0: int, n: int, block_size: int, mode: str = "certify") -> np.ndarray:
     """All units of a run, shape (U, 4) int64, rows ``[image, stream, block, n_draws]`` in plan order.
 
@@ -95,6 +112,13 @@ class Plan:
         return len(self.ranges)
 
     @property
+    def images(self) -> np.ndarray:
+        """(N,) int64 distinct image indices of the run, in plan order."""
+        ids = self.units[:, 0]
+        _, first = np.unique(ids, return_index=True)
+        return ids[np.sort(first)]
+
+    @property
     def total_draws(self) -> int:
         return int(self.units[:, 3].sum())
 
@@ -122,3 +146,16 @@ def make_plan(images: Sequence[int], n0: int, n: int, block_size: int, num_shard
     """The plan of a run: :func:`build_units` cut by :func:`balanced_ranges`."""
     units = build_units(images, n0, n, block_size, mode)
     return Plan(units=units, ranges=tuple(balanced_ranges(units[:, 3], num_shards)))
+
+
+def plan_from_config(config: dict, num_shards: int) -> Plan:
+    """The plan of a run from its shard config (DESIGN.md section 4): ``dataset.size``, ``subset``, ``n0``, ``n``,
+    ``block_size``, ``mode``. What ``certify`` runs and what ``status`` and ``aggregate`` check against.
+
+    Raises KeyError / TypeError / ValueError for a config without these keys, :class:`InputError` for bad values.
+    """
+    subset = config["subset"]
+    ids = select_images(int(config["dataset"]["size"]), int(subset.get("skip") or 1), subset.get("max_images"),
+                        subset.get("indices"))
+    mode = config.get("mode", "certify")
+    return make_plan(ids, int(config["n0"]), int(config["n"]), int(config["block_size"]), int(num_shards), mode)

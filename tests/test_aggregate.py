@@ -242,6 +242,37 @@ def test_incomplete_file_units_count_as_missing(tmp_path):
     assert any("1 shard file(s) absent (index 1)" in w for w in warnings)
 
 
+def test_images_held_only_by_an_absent_shard_file_are_named_from_the_plan(tmp_path):
+    """Shard 1 of 3 never arrived: the images it alone held come from the plan the shards' config describes."""
+    from cpcluster.sharding.plan import plan_from_config
+
+    cfg = make_config(0.5, n0=12, n=90, block_size=32, num_classes=C, dataset={"spec": "demo", "size": 50},
+                      subset={"skip": 3, "max_images": 11, "indices": None})
+    plan = plan_from_config(cfg, 3)
+    assert plan.images.tolist() == list(range(0, 33, 3))
+    probs = class_probs(50, C, seed=3)
+    counts = simulate_counts(plan.units, probs, seed=4)
+    labels = probs.argmax(1)
+    paths = [write_shard(str(tmp_path / f"shard-{k:05d}-of-00003.h5"), cfg, plan.shard_units(k),
+                         counts[slice(*plan.ranges[k])], labels, index=k, total=3) for k in (0, 2)]
+    outputs, _, warnings = _outputs(paths)
+    group = json.loads(outputs["summary.json"])["groups"][0]
+    alone = sorted(set(plan.shard_images(1).tolist()) - set(plan.shard_images(0).tolist())
+                   - set(plan.shard_images(2).tolist()))
+    shared = sorted(set(plan.shard_images(1).tolist()) - set(alone))  # split with a present shard: incomplete
+    assert alone and shared and group["missing_shards"] == [1]
+    assert group["images_missing"] == sorted(alone + shared)
+    assert group["images_evaluated"] == 11 - len(alone) - len(shared)
+    (w,) = [w for w in warnings if "absent" in w]
+    assert f"they alone held {len(alone)} image(s) (index {', '.join(map(str, alone))})" in w
+    # a config without the plan's keys: said so, nothing named
+    bare = make_config(0.5, n0=12, n=90, block_size=32, num_classes=C)
+    lone = write_shard(str(tmp_path / "b" / "shard-00000-of-00002.h5"), bare, plan.shard_units(0),
+                       counts[slice(*plan.ranges[0])], labels, index=0, total=2)
+    _, _, warnings = _outputs([lone])
+    assert any("cannot be named: the run config lacks the plan" in w for w in warnings)
+
+
 def test_memory_filesystem_inputs_and_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("CPCLUSTER_SCRATCH", str(tmp_path))
     cfg, units, counts, labels = _run_data(0.5, 61)
