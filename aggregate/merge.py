@@ -23,6 +23,7 @@ import numpy as np
 from cpcluster.aggregate.absent import absent_images
 from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
 from cpcluster.errors import InputError
+from cpcluster.sharding.seeds import NOISE_SCHEME
 from cpcluster.shards import ShardData
 
 MODES = ("certify", "predict")
@@ -187,6 +188,9 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
                              f"{_first_difference(ref.config, s.config)}; aggregate them separately")
     warnings = [f"{s.path}: marked incomplete; its unfinished units count as missing"
                 for s in shards if not s.complete]
+    if "noise" not in ref.config:
+        warnings.append(f"{plan.method} sigma {plan.sigma:g}: made before noise scheme {NOISE_SCHEME}; on a CPU two "
+                        "of its noise batches could draw the same noise (torch kept 32 bits of a seed); rerun it")
     image_index, labels = _merge_labels(shards)
     m, c = len(image_index), plan.num_classes
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cpcluster.errors import InputError
+from cpcluster.sharding.seeds import MAX_BATCH
 
 
 # ------------------------------------------------------------------------------------------------------ aggregate
@@ -112,6 +113,9 @@ class CertifyConfig:
                 raise InputError(f"{flag} {value}: must be an integer >= {least}")
         if self.seed >= 2**63:
             raise InputError(f"--seed {self.seed}: must be below 2**63")
+        if max(self.n, self.n0) > MAX_BATCH * self.draw_batch:
+            raise InputError(f"--n {self.n}: at most {MAX_BATCH} noise batches per stream; use --draw-batch "
+                             f"{-(-max(self.n, self.n0) // MAX_BATCH)} or more")
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):

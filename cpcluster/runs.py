@@ -24,6 +24,7 @@ from cpcluster import __version__
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
 from cpcluster.sharding.plan import Plan, plan_from_config, select_images  # noqa: F401 (select_images: re-export)
+from cpcluster.sharding.seeds import NOISE_SCHEME
 from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, shard_name,
                               write_bytes_atomic)
 
@@ -85,6 +86,7 @@ def shard_config(config: CertifyConfig, models: Models, purifier) -> dict:
         "denoiser": models.denoiser.describe() if models.denoiser is not None else None,
         "classifier": models.classifier.describe(),
         "dtype": config.dtype,
+        "noise": NOISE_SCHEME,
         "code_version": __version__,
     }
 

@@ -125,7 +125,7 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     start = time.time()
     info = {"index": index, "total": total, "unit_range": list(run.plan.ranges[index]), "host": socket.gethostname(),
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
-            "torch": torch.__version__, "start_time": start}
+            "torch": torch.__version__, "numpy": np.__version__, "start_time": start}
     with _shard_lock(_journal_path(url, None)) as lock:
         if _finished(run, url, index):  # another process finished it while we waited to start
             return url

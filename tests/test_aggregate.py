@@ -182,6 +182,19 @@ def test_runs_that_differ_in_what_defines_the_smoothed_classifier_are_separate_m
     assert len({r.group.plan.method_id for r in res.results}) == 4
 
 
+def test_shards_of_the_old_noise_scheme_never_mix_with_new_ones(tmp_path):
+    old, units, counts, labels = _run_data(0.5, 95)
+    del old["noise"]
+    write_split(tmp_path / "old", old, units, counts, labels, 1)
+    new, units, counts, labels = _run_data(0.5, 96)
+    write_split(tmp_path / "new", new, units, counts, labels, 1)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "old"), str(tmp_path / "new"))))
+    assert [r.group.plan.method for r in res.results] == ["consistency(demo-random) [noise=(absent)]",
+                                                          "consistency(demo-random) [noise=counter-v2]"]
+    (w,) = res.warnings
+    assert "[noise=(absent)] sigma 0.5: made before noise scheme counter-v2" in w
+
+
 def test_method_labels_stay_distinct_and_short():
     from cpcluster.aggregate.identity import identity, identity_hash, method_labels
 
