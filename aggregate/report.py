@@ -64,7 +64,7 @@ def summary_dict(results: Sequence[GroupResult], envs: Sequence[Envelope], alpha
             "certified_accuracy": [_num(v) for v in r.certified_accuracy],
             "acr": _num(r.acr), "abstain_rate": _num(r.abstain_rate),
         })
-    best = [{"method": e.method, "sigmas": list(e.sigmas),
+    best = [{"method": e.method, "sigmas": list(e.sigmas), "note": BEST_ROW_NOTE,
              "certified_accuracy": [_num(v) for v in e.certified_accuracy], "best_sigma": list(e.best_sigma)}
             for e in envs]
     return {"alpha": float(alpha), "radii": [float(v) for v in radii], "allow_partial": bool(allow_partial),
@@ -80,9 +80,16 @@ def summary_bytes(results, envs, alpha, radii, allow_partial) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------------ table
+BEST_ROW_NOTE = "per-radius maximum over different smoothed classifiers (one per sigma)"
+BEST_NOTE = ("best over sigma: at each radius the highest certified accuracy among the method's sigma rows; a "
+             "per-radius maximum over different smoothed classifiers (one per sigma), not the accuracy of any one "
+             "classifier")
+
+
 def table_rows(results: Sequence[GroupResult], envs: Sequence[Envelope]) -> list:
-    """Table 2 rows ``(method, sigma text, images text, [accuracy or None per radius], acr or None)``: each
-    method's groups by sigma, then its "best" row when it has two or more certify-mode sigmas."""
+    """Table 2 rows ``(method, sigma text, images text, [accuracy or None per radius], acr or None, note)``: each
+    method's groups by sigma, then its "best" row when it has two or more certify-mode sigmas. ``note`` is "" or
+    what the row's numbers are (the best row: :data:`BEST_ROW_NOTE`)."""
     env = {e.method: e for e in envs}
     rows = []
     methods = sorted({r.group.plan.method for r in results})
@@ -90,27 +97,48 @@ def table_rows(results: Sequence[GroupResult], envs: Sequence[Envelope]) -> list
         rs = [r for r in results if r.group.plan.method == method]
         for r in rs:
             sigma = f"{r.group.plan.sigma:g}" + (" (predict)" if r.group.plan.mode == "predict" else "")
-            rows.append((method, sigma, str(len(r.idx)), [_num(v) for v in r.certified_accuracy], _num(r.acr)))
+            rows.append((method, sigma, str(len(r.idx)), [_num(v) for v in r.certified_accuracy], _num(r.acr),
+                         row_note(r)))
         if method in env and len(env[method].sigmas) > 1:
-            rows.append((method, "best", "", [_num(v) for v in env[method].certified_accuracy], None))
+            rows.append((method, "best", "", [_num(v) for v in env[method].certified_accuracy], None,
+                         BEST_ROW_NOTE))
     return rows
+
+
+def row_note(result: GroupResult) -> str:
+    """What a sigma row's table note says about it ("" when nothing)."""
+    return ""
+
+
+def table_notes(rows: list) -> list:
+    """The notes printed under a Markdown or LaTeX table: what the best row is, then each row's own note."""
+    notes = [BEST_NOTE] if any(sigma == "best" for _, sigma, *_ in rows) else []
+    return notes + [f"{method}, sigma {sigma}: {note}" for method, sigma, *_, note in rows
+                    if note and sigma != "best"]
 
 
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
 def table_text(results, envs, radii: Sequence[float], fmt: str = "md") -> str:
-    """The paper's Table 2 layout: certified accuracy (%) at each radius, rows method x sigma then "best"."""
+    """The paper's Table 2 layout: certified accuracy (%) at each radius, rows method x sigma then "best".
+
+    Markdown and LaTeX end with notes (:func:`table_notes`); CSV carries them in a last ``note`` column."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
     rows = table_rows(results, envs)
+    notes = table_notes(rows)
     heads = [f"r={r:g}" for r in radii]
     if fmt == "csv":
-        out = ["method,sigma,images," + ",".join(heads) + ",acr"]
-        for method, sigma, images, accs, acr in rows:
-            cells = [f'"{method}"' if "," in method else method, sigma, images, *map(_pct, accs),
-                     "" if acr is None else f"{acr:.3f}"]
+        out = ["method,sigma,images," + ",".join(heads) + ",acr,note"]
+        for method, sigma, images, accs, acr, note in rows:
+            cells = [_csv_cell(method), "best over sigma" if sigma == "best" else sigma, images, *map(_pct, accs),
+                     "" if acr is None else f"{acr:.3f}", _csv_cell(note)]
             out.append(",".join(cells))
         return "\n".join(out) + "\n"
     if fmt == "latex":
@@ -119,16 +147,18 @@ def table_text(results, envs, radii: Sequence[float], fmt: str = "md") -> str:
                r"Method & $\sigma$ & images & " + " & ".join(f"${r:g}$" for r in radii) + r" & ACR \\",
                r"\midrule"]
         prev = None
-        for method, sigma, images, accs, acr in rows:
+        for method, sigma, images, accs, acr, _ in rows:
             if prev is not None and method != prev:
                 out.append(r"\midrule")
             label = "best over $\\sigma$" if sigma == "best" else esc(sigma)
             out.append(" & ".join([esc(method), label, images, *map(_pct, accs),
                                    "" if acr is None else f"{acr:.3f}"]) + r" \\")
             prev = method
-        return "\n".join(out + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+        out += [r"\bottomrule", r"\end{tabular}"]
+        out += [r"\par\smallskip{\footnotesize Note: " + esc(n) + "}" for n in notes]
+        return "\n".join(out) + "\n"
     cells = [["Method", "sigma", "images", *heads, "ACR"]]
-    for method, sigma, images, accs, acr in rows:
+    for method, sigma, images, accs, acr, _ in rows:
         cells.append([method, "best over sigma" if sigma == "best" else sigma, images, *map(_pct, accs),
                       "" if acr is None else f"{acr:.3f}"])
     width = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
@@ -136,4 +166,5 @@ def table_text(results, envs, radii: Sequence[float], fmt: str = "md") -> str:
                                           for i, (x, w) in enumerate(zip(c, width))) + " |"
     rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= 2 else (":" + "-" * (w + 1))
                           for i, w in enumerate(width)) + "|"
-    return "\n".join([fmt_row(cells[0]), rule, *map(fmt_row, cells[1:])]) + "\n"
+    lines = [fmt_row(cells[0]), rule, *map(fmt_row, cells[1:])]
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else [])) + "\n"

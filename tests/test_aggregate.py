@@ -135,13 +135,31 @@ def test_groups_envelope_and_method_names(tmp_path):
     np.testing.assert_array_equal(env_c.certified_accuracy, table.max(axis=0))
     assert list(env_c.best_sigma) == [(0.25, 0.5, 1.0)[j] for j in table.argmax(axis=0)]
     assert env_n.sigmas == (0.5,)
-    lines = res.table.splitlines()
+    lines = [line for line in res.table.splitlines() if line.startswith("|")]
     assert sum("best over sigma" in line for line in lines) == 1  # only methods with 2+ sigmas get the row
     best = next(line for line in lines if "best over sigma" in line).split("|")[4:8]
     assert [float(c) for c in best] == [round(100 * v, 1) for v in env_c.certified_accuracy]
     summary = json.load(open(tmp_path / "aggregate" / "summary.json"))
     assert [b["method"] for b in summary["best_over_sigma"]] == ["consistency(demo-random)", "none"]
     assert os.path.getsize(tmp_path / "aggregate" / "certified_accuracy.png") > 1000
+    _best_row_says_what_it_is(res, tmp_path, radii)
+
+
+def _best_row_says_what_it_is(res, tmp_path, radii):
+    """The best-over-sigma row is a per-radius maximum over different classifiers: said wherever it is shown."""
+    from cpcluster.aggregate.plot import figure
+    from cpcluster.aggregate.report import table_text
+
+    said = "per-radius maximum over different smoothed classifiers"
+    assert res.table.splitlines()[-1].startswith("Note: best over sigma:") and said in res.table
+    assert said in table_text(res.results, res.envelopes, radii, "latex").splitlines()[-1]
+    csv = table_text(res.results, res.envelopes, radii, "csv").splitlines()
+    assert csv[0].endswith(",acr,note")
+    assert [line.split(",")[1] for line in csv if said in line] == ["best over sigma"]
+    summary = json.load(open(tmp_path / "aggregate" / "summary.json"))
+    assert all(said in b["note"] for b in summary["best_over_sigma"])
+    legends = [t.get_text() for ax in figure(res.results, res.envelopes, radii).axes for t in ax.get_legend().texts]
+    assert sum("per-radius max" in t and "different smoothed classifiers" in t for t in legends) == 1
 
 
 def test_one_method_across_sigmas_although_sigma_dependent_parameters_differ(tmp_path):

@@ -80,7 +80,7 @@ def test_formats_directory_input_and_help(tmp_path):
     files = sorted(os.listdir(tmp_path / "run" / "aggregate"))
     assert "table.tex" in files and "table.md" in files and "certified_accuracy.png" not in files
     res = _invoke([tmp_path / "run", "--format", "csv", "--out", tmp_path / "c"])
-    assert res.stdout.splitlines()[0] == "method,sigma,images,r=0,r=0.25,r=0.5,r=0.75,r=1,acr"
+    assert res.stdout.splitlines()[0] == "method,sigma,images,r=0,r=0.25,r=0.5,r=0.75,r=1,acr,note"
     help_text = _invoke(["--help"]).stdout
     assert "cpcluster aggregate results/*.h5" in help_text
 
