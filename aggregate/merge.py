@@ -22,6 +22,7 @@ import numpy as np
 
 from cpcluster.aggregate.absent import absent_images
 from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
+from cpcluster.aggregate.skipping import REASONS, Skips, merge_skipped, verify
 from cpcluster.errors import InputError
 from cpcluster.sharding.seeds import NOISE_SCHEME
 from cpcluster.shards import ShardData
@@ -41,6 +42,7 @@ class RunPlan:
     n: int
     block_size: int
     num_classes: int
+    max_alpha: float | None = None  # early stopping: skips hold for every alpha up to this; None without it
 
     @property
     def num_blocks(self) -> int:
@@ -80,8 +82,20 @@ def run_plan(shard: ShardData) -> RunPlan:
     except ValueError as e:
         raise InputError(f"{path}: {e}") from None
     n0 = _positive_int(c, "n0", path) if mode == "certify" else 0
-    return RunPlan(method=method, method_id=identity_hash(c), sigma=float(sigma), mode=mode, n0=n0, n=_positive_int(c, "n", path),
-                   block_size=_positive_int(c, "block_size", path), num_classes=c["num_classes"])
+    return RunPlan(method=method, method_id=identity_hash(c), sigma=float(sigma), mode=mode, n0=n0,
+                   n=_positive_int(c, "n", path), block_size=_positive_int(c, "block_size", path),
+                   num_classes=c["num_classes"], max_alpha=_max_alpha(c, path))
+
+
+def _max_alpha(config: dict, path: str) -> float | None:
+    """``early_stop.max_alpha`` of a config (None without early stopping), checked."""
+    early = config.get("early_stop")
+    if early is None:
+        return None
+    value = early.get("max_alpha") if isinstance(early, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+        raise InputError(f"{path}: config key 'early_stop' must hold 'max_alpha' in (0, 0.5)")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,8 @@ class GroupCounts:
     counts: np.ndarray  # (M, C) int64 estimation counts
     n0_present: np.ndarray  # (M,) int64 selection draws present (row sums of counts0)
     n_present: np.ndarray  # (M,) int64 estimation draws present (row sums of counts)
-    complete: np.ndarray  # (M,) bool, every planned unit present
+    complete: np.ndarray  # (M,) bool, every planned unit present or skipped
+    skips: Skips  # early stopping: what each image skipped and why (all zeros without it)
     missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
     absent: np.ndarray  # (A,) int64 images the plan gives to absent shards and no file lists
     warnings: tuple
@@ -248,6 +263,9 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
                 _add_rows(acc[stream], pos, s.counts, rows)
                 np.add.at(draws[stream], pos, s.units[rows, 3])
         per_image_units += np.bincount(np.searchsorted(image_index, s.units[kept, 0]), minlength=m)
+    skips = merge_skipped(shards, image_index, units[keep, :3], plan)
+    complete = per_image_units + skips.units == plan.units_per_image
+    _verify_skips(shards, plan, image_index, labels, acc, draws[1], skips, complete)
     missing_shards = _missing_shards(shards)
     absent, problem = absent_images(shards, missing_shards)
     if missing_shards:
@@ -257,8 +275,21 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
                        counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
-                       complete=per_image_units == plan.units_per_image,
-                       missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
+                       complete=complete, skips=skips, missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
+
+
+def _verify_skips(shards, plan: RunPlan, image_index, labels, acc, n_present, skips: Skips, complete) -> None:
+    """InputError unless the counts of every complete image justify what it skipped (:func:`skipping.verify`)."""
+    check = complete & (skips.reason != 0)
+    if not check.any():
+        return
+    bad = verify(acc[0][check], acc[1][check], labels[check], n_present[check], plan.n, skips.reason[check],
+                 plan.max_alpha)
+    if len(bad):
+        j = int(np.flatnonzero(check)[bad[0]])
+        raise InputError(f"{shards[0].path} (and the rest of its run): image {int(image_index[j])} skipped units as "
+                         f"'{REASONS.get(int(skips.reason[j]), skips.reason[j])}', which its counts do not justify; "
+                         "the files were edited or made by another program")
 
 
 def merge_shards(shards: Sequence[ShardData]) -> list:

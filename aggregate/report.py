@@ -12,6 +12,7 @@ import re
 from typing import Sequence
 
 from cpcluster.aggregate.evaluate import Envelope, GroupResult
+from cpcluster.aggregate.skipping import ABSTAIN_CERTAIN, REASONS, WRONG_CLASS
 
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tn0\tn\n"
 FORMATS = ("md", "latex", "csv")
@@ -35,12 +36,36 @@ def tsv_names(results: Sequence[GroupResult]) -> list:
 def tsv_bytes(result: GroupResult) -> bytes:
     """Cohen's ``certify`` output columns ``idx label predict radius correct`` (predict -1 = abstain, radius 0.0
     on abstain), then ``n0 n``: the draws each image was decided with (fewer than planned only with
-    ``--allow-partial``). Readers that select columns by name (Cohen's ``analyze.py``) read it unchanged."""
-    lines = [TSV_HEADER]
-    for row in zip(result.idx.tolist(), result.label.tolist(), result.predict.tolist(), result.radius.tolist(),
-                   result.correct.tolist(), result.n0.tolist(), result.n.tolist()):
-        lines.append("%d\t%d\t%d\t%.6f\t%d\t%d\t%d\n" % row)
+    ``--allow-partial`` or early stopping). Readers that select columns by name (Cohen's ``analyze.py``) read it
+    unchanged.
+
+    Runs with early stopping add a column ``skip``: ``-``, ``wrong-class`` or ``abstain-certain``. A skipped image
+    has predict -1, radius 0.0, correct 0 and ``n`` = the estimation draws counted: no certificate was computed.
+    For ``abstain-certain`` the full run abstains too (at every alpha up to the run's maximum); for
+    ``wrong-class`` it returns the selected, wrong class or abstains -- wrong either way, so certified accuracy and
+    ACR are those of the full run."""
+    early = result.group.plan.max_alpha is not None
+    lines = [TSV_HEADER.replace("\n", "\tskip\n") if early else TSV_HEADER]
+    skips = [REASONS.get(int(r), "-") for r in result.skip.tolist()]
+    for *row, skip in zip(result.idx.tolist(), result.label.tolist(), result.predict.tolist(),
+                          result.radius.tolist(), result.correct.tolist(), result.n0.tolist(), result.n.tolist(),
+                          skips):
+        line = "%d\t%d\t%d\t%.6f\t%d\t%d\t%d" % tuple(row)
+        lines.append(line + (f"\t{skip}\n" if early else "\n"))
     return "".join(lines).encode("utf-8")
+
+
+def early_stop_summary(result: GroupResult) -> dict | None:
+    """What early stopping did in one group (None without it): images skipped per reason, draws counted/saved."""
+    plan, group = result.group.plan, result.group
+    if plan.max_alpha is None:
+        return None
+    done = group.complete
+    counted = int((group.n0_present[done] + group.n_present[done]).sum())
+    saved = int(group.skips.draws[done].sum())
+    return {"max_alpha": plan.max_alpha, "images_wrong_class": int((result.skip == WRONG_CLASS).sum()),
+            "images_cut_short": int((result.skip == ABSTAIN_CERTAIN).sum()), "draws_counted": counted,
+            "draws_saved": saved, "draws_planned": counted + saved}
 
 
 def _num(x):
@@ -60,7 +85,7 @@ def summary_dict(results: Sequence[GroupResult], envs: Sequence[Envelope], alpha
             "num_classes": p.num_classes, "config_hash": r.group.config_hash, "tsv": name,
             "images_listed": int(len(r.group.image_index)), "images_evaluated": int(len(r.idx)),
             "images_missing": r.missing.tolist(), "images_partial": r.partial.tolist(),
-            "missing_shards": list(r.group.missing_shards),
+            "missing_shards": list(r.group.missing_shards), "early_stop": early_stop_summary(r),
             "certified_accuracy": [_num(v) for v in r.certified_accuracy],
             "acr": _num(r.acr), "abstain_rate": _num(r.abstain_rate),
         })
@@ -106,8 +131,15 @@ def table_rows(results: Sequence[GroupResult], envs: Sequence[Envelope]) -> list
 
 
 def row_note(result: GroupResult) -> str:
-    """What a sigma row's table note says about it ("" when nothing)."""
-    return ""
+    """What a sigma row's table note says about it ("" when nothing): what early stopping skipped."""
+    early = early_stop_summary(result)
+    if early is None:
+        return ""
+    share = early["draws_saved"] / early["draws_planned"] if early["draws_planned"] else 0.0
+    return (f"early stopping skipped the estimation of {early['images_wrong_class']} image(s) whose selection "
+            f"picked a wrong class and cut {early['images_cut_short']} short once abstention was certain at every "
+            f"alpha <= {early['max_alpha']:g}; {early['draws_saved']:,} of {early['draws_planned']:,} planned draws "
+            f"({100 * share:.1f}%) not counted; accuracy and ACR are those of the full run")
 
 
 def table_notes(rows: list) -> list:

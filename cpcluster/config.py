@@ -92,6 +92,7 @@ class CertifyConfig:
     steps: int | None = None
     purifier_label: str = "fixed:0"
     mode: str = "certify"
+    early_stop: float | None = None  # max alpha: skip estimation that cannot change the table (aggregate/skipping.py)
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None  # torch threads per shard process (None: torch's default)
@@ -137,6 +138,13 @@ class CertifyConfig:
             if getattr(self, name) not in allowed:
                 flag = "--time" if name == "time_rule" else f"--{name}"
                 raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.early_stop is not None:
+            if not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
+                raise InputError(f"--early-stop {self.early_stop}: give the largest alpha you will aggregate at, "
+                                 "in (0, 0.5), e.g. --early-stop 0.01")
+            if self.mode != "certify":
+                raise InputError("--early-stop needs --mode certify (it decides from the selection draws)")
+            object.__setattr__(self, "early_stop", float(self.early_stop))
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:

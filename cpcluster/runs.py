@@ -86,9 +86,15 @@ def shard_config(config: CertifyConfig, models: Models, purifier) -> dict:
         "denoiser": models.denoiser.describe() if models.denoiser is not None else None,
         "classifier": models.classifier.describe(),
         "dtype": config.dtype,
+        **({"early_stop": early_stop_config(config.early_stop)} if config.early_stop is not None else {}),
         "noise": NOISE_SCHEME,
         "code_version": __version__,
     }
+
+
+def early_stop_config(max_alpha: float) -> dict:
+    """The shard config's ``early_stop`` entry: the largest alpha the skips hold for, the rules, the plan layout."""
+    return {"max_alpha": float(max_alpha), "rules": ["wrong-class", "abstain-certain"], "layout": "interleaved"}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import fsspec
@@ -37,6 +37,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cpcluster.errors import InputError
+from cpcluster.shard_extras import check_skipped, empty_skipped, read_extras, write_extras
 
 SHARD_TEMPLATE = "shard-{index:05d}-of-{total:05d}.h5"
 SHARD_GLOB = "shard-*-of-*.h5"
@@ -210,12 +211,20 @@ class ShardWriter:
         self._counts.append(counts)
         self._done[(image, stream, block)] = n_draws
 
-    def finish(self, shard_info_update: dict | None = None) -> str:
-        """Write the complete HDF5 shard atomically (temp name + rename), remove the journal; return its URL."""
+    @property
+    def recorded(self) -> tuple:
+        """``(units (U, 4), counts (U, C))`` int64 of every unit recorded so far, in the order recorded."""
+        return (np.asarray(self._units, dtype=np.int64).reshape(-1, 4),
+                np.asarray(self._counts, dtype=np.int64).reshape(-1, self.num_classes))
+
+    def finish(self, shard_info_update: dict | None = None, skipped=None) -> str:
+        """Write the complete HDF5 shard atomically (temp name + rename), remove the journal; return its URL.
+
+        ``skipped``: (S, 5) planned units not counted and why (:mod:`cpcluster.shard_extras`), or None."""
         info = {**self.shard_info, **(shard_info_update or {})}
-        units = np.asarray(self._units, dtype=np.int64).reshape(-1, 4)
-        counts = np.asarray(self._counts, dtype=np.int64).reshape(-1, self.num_classes)
-        payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True)
+        units, counts = self.recorded
+        payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True,
+                               skipped=skipped)
         write_bytes_atomic(self.url, payload)
         self.close()
         os.remove(self.journal_path)
@@ -233,8 +242,9 @@ class ShardWriter:
 
 
 def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.ndarray,
-                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool) -> bytes:
-    """The bytes of an HDF5 shard file in the format of the module docstring."""
+                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool, skipped=None) -> bytes:
+    """The bytes of an HDF5 shard file in the format of the module docstring (``skipped``: see
+    :mod:`cpcluster.shard_extras`)."""
     bio = io.BytesIO()
     with h5py.File(bio, "w") as f:
         f.create_dataset("units", data=np.asarray(units, dtype=np.int64).reshape(-1, 4))
@@ -245,6 +255,7 @@ def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.n
         f.attrs["config_hash"] = config_hash(config)
         f.attrs["shard"] = json.dumps(shard_info, sort_keys=True)
         f.attrs["complete"] = bool(complete)
+        write_extras(f, skipped)
     return bio.getvalue()
 
 
@@ -293,6 +304,7 @@ class ShardData:
     counts: np.ndarray  # (U, C) int64
     image_index: np.ndarray  # (M,) int64
     labels: np.ndarray  # (M,) int64
+    skipped: np.ndarray = field(default_factory=empty_skipped)  # (S, 5) int64, see cpcluster.shard_extras
 
 
 _DATASETS = ("units", "counts", "image_index", "labels")
@@ -329,6 +341,7 @@ def read_shard(url: str) -> ShardData:
             if missing:
                 raise InputError(f"{url}: not a cpcluster shard, missing {', '.join(missing)}")
             arrays = {k: np.asarray(f[k][()]) for k in _DATASETS}
+            arrays.update(read_extras(f))
             attrs = {k: f.attrs[k] for k in _ATTRS}
     except InputError:
         raise
@@ -386,9 +399,11 @@ def _check(url: str, a: dict, attrs: dict) -> ShardData:
         bad(f"labels outside [0, {num_classes}) (num_classes in config)")
     if len(units) and not np.isin(units[:, 0], image_index).all():
         bad("units name images that 'image_index' does not list")
+    skipped = check_skipped(url, a.get("skipped"), units, image_index)
     return ShardData(path=url, config=config, config_hash=_text(attrs["config_hash"]), shard=shard,
                      complete=bool(attrs["complete"]), units=units.astype(np.int64, copy=False),
-                     counts=counts.astype(np.int64, copy=False), image_index=image_index, labels=labels)
+                     counts=counts.astype(np.int64, copy=False), image_index=image_index, labels=labels,
+                     skipped=skipped)
 
 
 def expand_paths(patterns: Iterable[str]) -> list[str]:

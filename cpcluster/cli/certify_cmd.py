@@ -89,6 +89,11 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
               help="Labels for a class-conditional purifier: fixed:K or random (never the true label).")
 @click.option("--mode", type=click.Choice(CERTIFY_MODES), default="certify", show_default=True,
               help="certify (selection + estimation) or predict (estimation only).")
+@click.option("--early-stop", "early_stop", type=float, default=None, metavar="MAX_ALPHA",
+              help="Skip estimation draws that cannot change certified accuracy or ACR at any alpha <= MAX_ALPHA: "
+                   "images whose selection picks a wrong class, and the rest of an image once it must abstain. "
+                   "Recorded in the run; aggregate refuses a larger --alpha. Use --block-size <= n/10 so images "
+                   "can stop early.")
 @click.option("--dtype", type=click.Choice(CERTIFY_DTYPES), default="float32", show_default=True,
               help="Forward precision (autocast).")
 @click.option("--device", type=click.Choice(CERTIFY_DEVICES), default="auto", show_default=True,

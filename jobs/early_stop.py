@@ -1,0 +1,58 @@
+"""Counting one shard with early stopping (``certify --early-stop MAX_ALPHA``), in rounds.
+
+A shard of an early-stopping run holds whole images (the plan's interleaved layout). Each round asks
+:func:`cpcluster.aggregate.skipping.image_step` what every image needs next -- its selection unit, or the
+estimation blocks that are safe to count before the next decision -- and counts all of them in one engine run
+(noise batches of many images packed into full forwards; only a round's last forward is padded). Images whose
+selection picks a wrong class, or whose abstention becomes certain, get no further units; what they skip is
+returned for the shard file's ``skipped`` dataset.
+
+Every decision is a function of the image's own recorded counts, read back from the journal before each round, so
+a killed shard resumes with exactly the decisions an uninterrupted one makes, and any number of shards gives the
+same units, counts and skips.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cpcluster.aggregate.skipping import image_step
+from cpcluster.sharding.plan import ESTIMATION, SELECTION
+
+
+def _state(writer) -> tuple:
+    """``({image: selection counts}, {image: {block: counts}})`` of the units recorded so far."""
+    units, counts = writer.recorded
+    selection, blocks = {}, {}
+    for (image, stream, block, _), row in zip(units.tolist(), counts):
+        if stream == SELECTION:
+            selection[image] = row
+        else:
+            blocks.setdefault(image, {})[block] = row
+    return selection, blocks
+
+
+def next_round(units: np.ndarray, labels: dict, writer, n: int, max_alpha: float) -> tuple:
+    """``(units to count now (u, 4), skipped rows (S, 5))`` from the recorded state; skipped only for images that
+    are finished. ``units``: the shard's planned units, whole images in plan order."""
+    selection, blocks = _state(writer)
+    todo, skipped = [], []
+    for image in dict.fromkeys(units[:, 0].tolist()):
+        mine = units[units[:, 0] == image]
+        sel = mine[mine[:, 1] == SELECTION]
+        est = mine[mine[:, 1] == ESTIMATION]
+        draws = est[np.argsort(est[:, 2]), 3].tolist()
+        step = image_step(selection.get(image), labels[image], draws, blocks.get(image, {}), n, max_alpha)
+        if step.selection:
+            todo += sel.tolist()
+        todo += [[image, ESTIMATION, b, draws[b]] for b in step.run]
+        skipped += [[image, ESTIMATION, b, draws[b], reason] for b, reason in step.skipped]
+    return np.asarray(todo, dtype=np.int64).reshape(-1, 4), np.asarray(skipped, dtype=np.int64).reshape(-1, 5)
+
+
+def count_in_rounds(counter, units: np.ndarray, labels: dict, writer, n: int, max_alpha: float) -> np.ndarray:
+    """Count the shard's units round by round with ``counter.count(units)``; return the (S, 5) skipped rows."""
+    while True:
+        todo, skipped = next_round(units, labels, writer, n, max_alpha)
+        if not len(todo):
+            return skipped
+        counter.count(todo)
