@@ -56,3 +56,53 @@ def count_in_rounds(counter, units: np.ndarray, labels: dict, writer, n: int, ma
         if not len(todo):
             return skipped
         counter.count(todo)
+
+
+# ------------------------------------------------------------------------------------------------------ dry run
+def recorded_selection(run) -> dict:
+    """``{image: (C,) selection counts}`` recorded so far in ``run``'s directory (finished shards and journals)."""
+    from cpcluster.shards import _journal_path, exists, read_journal, read_shard
+
+    out = {}
+    for k in range(run.plan.num_shards):
+        url = run.shard_url(k)
+        if exists(url):
+            shard = read_shard(url)
+            units, counts = (shard.units, shard.counts) if shard.config_hash == run.config_hash else ((), ())
+        else:
+            state = read_journal(_journal_path(url, None))
+            ok = state is not None and state.header.get("config_hash") == run.config_hash
+            units, counts = (state.units, state.counts) if ok else ((), ())
+        out.update({int(u[0]): c for u, c in zip(units, counts) if u[1] == SELECTION})
+    return out
+
+
+def estimate_saving(run) -> str:
+    """One line: the estimation draws early stopping will save, from the selection counts recorded so far.
+
+    Images whose selection picks a wrong class save all their estimation draws. For the others the selection
+    frequency ``p = counts[c_A] / n0`` stands in for the hit rate: the image is assumed cut before the first block
+    at which ``abstain_certain(p m, m, n)`` holds. Scaled from the images with selection counts to the run."""
+    from cpcluster.aggregate.skipping import abstain_certain
+
+    selection = recorded_selection(run)
+    if not selection:
+        return ("early stopping: the saving cannot be estimated yet, no selection counts are recorded in this run; "
+                "a --dry-run once its first shards have counted their selection draws estimates it from them")
+    cfg = run.config
+    labels = dict(zip(run.image_ids.tolist(), run.labels.tolist()))
+    m = np.arange(0, cfg.n, cfg.block_size)  # estimation draws before each block
+    wrong, saved = 0, 0.0
+    for image, counts in selection.items():
+        c_a = int(np.argmax(counts))
+        if c_a != labels[image]:
+            wrong, saved = wrong + 1, saved + cfg.n
+            continue
+        p = counts[c_a] / max(int(counts.sum()), 1)
+        stop = np.flatnonzero(abstain_certain(np.floor(p * m), m, cfg.n, cfg.early_stop))
+        saved += cfg.n - m[stop[0]] if len(stop) else 0
+    planned = len(run.image_ids) * (cfg.n0 + cfg.n)
+    share = saved / len(selection) * len(run.image_ids) / planned
+    return (f"early stopping: {wrong} of the {len(selection)} images with selection counts pick a wrong class; "
+            f"estimated saving {100 * share:.0f}% of the {planned:,} planned draws (wrong class, and abstention "
+            f"certain at the selection frequency)")

@@ -212,3 +212,26 @@ def test_aggregate_refuses_skips_the_counts_do_not_justify(demo_runs, tmp_path):
                                             f.labels, complete=True, skipped=np.r_[f.units[last], 2][None]))
     with pytest.raises(InputError, match="skips units, but its run config has no early_stop"):
         run_aggregate(AggregateOptions(paths=(sneaky, full[1].path), out=str(tmp_path / "o2")))
+
+
+def test_dry_run_estimates_the_saving_from_recorded_selection_counts_or_says_it_cannot(demo_runs):
+    from click.testing import CliRunner
+
+    from cpcluster.cli import main
+
+    root, _, early, _ = demo_runs
+    wrong = sum(int((s.skipped[:, 4] == WRONG_CLASS).sum()) for s in early) // (N // BLOCK)
+    args = ["certify", "--purifier", "none", "--classifier", "demo", "--dataset", "demo", "--skip", "16", "--sigma",
+            "0.5", "--n0", "100", "--n", str(N), "--block-size", str(BLOCK), "--draw-batch", "100", "--batch", "400",
+            "--shards", "3", "--device", "cpu", "--early-stop", str(MAX_ALPHA), "--executor", "local", "--out",
+            str(root), "--dry-run"]
+    res = CliRunner().invoke(main, args + ["--name", "early"])
+    assert res.exit_code == 0, res.output
+    line = next(line for line in res.output.splitlines() if "early stopping:" in line)
+    assert f"{wrong} of the 32 images with selection counts pick a wrong class" in line
+    saved = sum(int(s.skipped[:, 3].sum()) for s in early) / (32 * (100 + N))
+    estimate = float(line.split("estimated saving ")[1].split("%")[0]) / 100
+    assert wrong * N / (32 * (100 + N)) <= estimate + 0.005 and abs(estimate - saved) < 0.1
+    res = CliRunner().invoke(main, args + ["--name", "fresh"])
+    assert res.exit_code == 0 and "the saving cannot be estimated yet" in res.output
+    assert not (root / "fresh").exists()

@@ -173,6 +173,10 @@ def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
         hours = plan.total_draws / rate / 3600
         click.echo(f"  estimated cost: {hours:.3g} device-hours in all, {draws.max() / rate / 60:.3g} min for the "
                    f"largest shard, at {rate:,.0f} draws/s measured here ({where})")
+        if run.config.early_stop is not None:
+            from cpcluster.jobs.early_stop import estimate_saving
+
+            click.echo(f"  {estimate_saving(run)}")
     if kind == "slurm":
         _print_sbatch(resolved, slurm)
     click.echo("dry run: nothing written or submitted")
