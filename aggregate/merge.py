@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from cpcluster.aggregate.absent import absent_images
+from cpcluster.aggregate.cost import Cost, group_cost
 from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
 from cpcluster.aggregate.skipping import REASONS, Skips, merge_skipped, verify
 from cpcluster.errors import InputError
@@ -114,6 +115,7 @@ class GroupCounts:
     n_present: np.ndarray  # (M,) int64 estimation draws present (row sums of counts)
     complete: np.ndarray  # (M,) bool, every planned unit present or skipped
     skips: Skips  # early stopping: what each image skipped and why (all zeros without it)
+    cost: Cost  # device time and draws of the units used (aggregate/cost.py)
     missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
     absent: np.ndarray  # (A,) int64 images the plan gives to absent shards and no file lists
     warnings: tuple
@@ -275,7 +277,9 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
                        counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
-                       complete=complete, skips=skips, missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
+                       complete=complete, skips=skips,
+                       cost=group_cost(shards, [keep[owner == i] for i in range(len(shards))], m),
+                       missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
 
 
 def _verify_skips(shards, plan: RunPlan, image_index, labels, acc, n_present, skips: Skips, complete) -> None:

@@ -5,7 +5,9 @@ render every output to bytes, and only then write. So any validation error leave
 each file is written atomically (temp + rename).
 
 Outputs in ``out``: one TSV per group (``<method>-sigma<s>[-predict].tsv``), ``summary.json``, ``table.md`` (and
-``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options, the
+``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, when the shards recorded their device
+time ``cost.csv`` and ``cost.png`` (certified accuracy at ``cost_radius`` against device-seconds per image; the
+cost table is also appended to ``table.md``), and ``inputs.json`` (the options, the
 input files with their hashes and the list of outputs written: the one output that depends on how the units were
 split into files). Files of an earlier run in ``out`` that this run does not write are left as they are.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import fsspec
 
+from cpcluster.aggregate.cost import cost_csv, cost_png, cost_table
 from cpcluster.aggregate.evaluate import envelopes, evaluate_group
 from cpcluster.aggregate.merge import merge_shards
 from cpcluster.aggregate.plot import plot_png
@@ -27,6 +30,8 @@ from cpcluster.errors import InputError
 from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard, write_bytes_atomic
 
 PLOT_FILE = "certified_accuracy.png"
+COST_PLOT = "cost.png"
+COST_CSV = "cost.csv"
 
 
 @dataclass(frozen=True)
@@ -115,13 +120,21 @@ def build_outputs(opts: AggregateOptions):
                             "row compares unlike sets")
     outputs = {name: tsv_bytes(r) for r, name in zip(results, tsv_names(results))}
     outputs["summary.json"] = summary_bytes(results, envs, opts.alpha, opts.radii, opts.allow_partial)
-    outputs[TABLE_FILES["md"]] = table_text(results, envs, opts.radii, "md").encode("utf-8")
-    table = table_text(results, envs, opts.radii, opts.format)
+    costs = cost_table(results)
+    md = table_text(results, envs, opts.radii, "md")
+    if costs:
+        md += "\nCost (device time spent counting, from the shard files):\n\n" + costs
+        outputs[COST_CSV] = cost_csv(results)
+    outputs[TABLE_FILES["md"]] = md.encode("utf-8")
+    table = md if opts.format == "md" else table_text(results, envs, opts.radii, opts.format)
     outputs[TABLE_FILES[opts.format]] = table.encode("utf-8")
     if opts.plot:
         png = plot_png(results, envs, opts.radii)
         if png is not None:
             outputs[PLOT_FILE] = png
+        png = cost_png(results, opts.radius_for_cost) if costs else None
+        if png is not None:
+            outputs[COST_PLOT] = png
     inputs = {"options": opts.to_dict(), "warnings": warnings, "outputs": sorted(outputs) + ["inputs.json"],
               "files": [{"path": s.path, "config_hash": s.config_hash, "complete": s.complete, "shard": s.shard,
                          "units": int(len(s.units))} for s in sorted(shards, key=lambda s: s.path)]}

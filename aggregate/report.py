@@ -1,7 +1,8 @@
 """Render aggregation results as bytes: Cohen-compatible TSV, ``summary.json`` and the paper's Table 2.
 
 Everything here is a pure function of the results (no file names of the inputs, no times), so the same units
-split over any number of files give byte-identical outputs. Number formats are fixed: radii with 6 decimals in
+split over any number of files give byte-identical outputs -- except the measured cost (``summary.json``'s
+``cost``), which is the device time the shards recorded. Number formats are fixed: radii with 6 decimals in
 the TSV, full ``repr`` precision in JSON (NaN written as ``null``), percentages with 1 decimal in tables.
 """
 from __future__ import annotations
@@ -86,6 +87,7 @@ def summary_dict(results: Sequence[GroupResult], envs: Sequence[Envelope], alpha
             "images_listed": int(len(r.group.image_index)), "images_evaluated": int(len(r.idx)),
             "images_missing": r.missing.tolist(), "images_partial": r.partial.tolist(),
             "missing_shards": list(r.group.missing_shards), "early_stop": early_stop_summary(r),
+            "cost": r.group.cost.to_dict(),
             "certified_accuracy": [_num(v) for v in r.certified_accuracy],
             "acr": _num(r.acr), "abstain_rate": _num(r.abstain_rate),
         })

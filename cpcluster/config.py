@@ -29,6 +29,7 @@ class AggregateOptions:
     allow_partial: bool = False
     format: str = "md"
     plot: bool = True
+    cost_radius: float | None = None  # radius of the cost plot; None: the middle entry of radii
 
     def __post_init__(self):
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
@@ -43,8 +44,15 @@ class AggregateOptions:
         if len(set(self.radii)) != len(self.radii) or list(self.radii) != sorted(self.radii):
             raise InputError(f"--radii {','.join(f'{r:g}' for r in self.radii)}: list each radius once, "
                              "in increasing order")
+        if self.cost_radius is not None and not 0.0 <= float(self.cost_radius) < float("inf"):
+            raise InputError(f"--cost-radius {self.cost_radius}: give a finite radius >= 0, e.g. --cost-radius 0.5")
         if self.format not in AGGREGATE_FORMATS:
             raise InputError(f"--format {self.format!r}: use one of {', '.join(AGGREGATE_FORMATS)}")
+
+    @property
+    def radius_for_cost(self) -> float:
+        """The radius of the cost plot: ``cost_radius``, or the middle of ``radii``."""
+        return float(self.cost_radius) if self.cost_radius is not None else self.radii[len(self.radii) // 2]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

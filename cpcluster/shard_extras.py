@@ -4,6 +4,10 @@
   counted because they cannot change the certified table (``certify --early-stop``; reasons in
   :data:`cpcluster.aggregate.skipping.REASONS`: 1 = the selection picked a wrong class, 2 = abstention certain).
   ``n_draws`` is what the plan gave the unit. A file without it skipped nothing.
+* ``unit_seconds`` (U,) float64: device-seconds spent on each row of ``units`` (wall time of the device between
+  the completion of the previous unit of the same session and this one), NaN where unknown. Sums to the
+  shard's counting time; with the shard attribute's device type and network evaluations per draw it is the cost
+  ``aggregate`` reports. A file without it has no cost figures.
 
 Written by :func:`cpcluster.shards.encode_shard`, read and checked on its own by :func:`read_extras`; whether a
 skip is justified by the counts is the aggregator's check (:func:`cpcluster.aggregate.skipping.verify`).
@@ -15,17 +19,19 @@ import numpy as np
 from cpcluster.errors import InputError
 
 SKIP_REASONS = (1, 2)
-EXTRAS = ("skipped",)
+EXTRAS = ("skipped", "unit_seconds")
 
 
 def empty_skipped() -> np.ndarray:
     return np.zeros((0, 5), dtype=np.int64)
 
 
-def write_extras(f, skipped: np.ndarray | None) -> None:
-    """Add the optional datasets to an open, writable ``h5py.File`` (nothing for None)."""
+def write_extras(f, skipped: np.ndarray | None, seconds: np.ndarray | None = None) -> None:
+    """Add the optional datasets to an open, writable ``h5py.File`` (nothing for None; no seconds when all NaN)."""
     if skipped is not None:
         f.create_dataset("skipped", data=np.asarray(skipped, dtype=np.int64).reshape(-1, 5))
+    if seconds is not None and not np.isnan(np.asarray(seconds, dtype=np.float64)).all():
+        f.create_dataset("unit_seconds", data=np.asarray(seconds, dtype=np.float64).reshape(-1))
 
 
 def read_extras(f) -> dict:
@@ -52,3 +58,16 @@ def check_skipped(url: str, skipped: np.ndarray | None, units: np.ndarray, image
     if len(set(keys)) != len(keys) or set(keys) & {tuple(r) for r in units[:, :3].tolist()}:
         raise InputError(f"{url}: a unit is skipped twice, or both skipped and counted")
     return skipped
+
+
+def check_seconds(url: str, seconds: np.ndarray | None, num_units: int) -> np.ndarray | None:
+    """The (U,) float64 ``unit_seconds``, checked (finite and >= 0, or NaN); None when the file has none."""
+    if seconds is None:
+        return None
+    if not np.issubdtype(seconds.dtype, np.floating) or seconds.shape != (num_units,):
+        raise InputError(f"{url}: dataset 'unit_seconds' must be ({num_units},) floats, found {seconds.dtype} "
+                         f"{seconds.shape}")
+    seconds = seconds.astype(np.float64, copy=False)
+    if (np.isinf(seconds) | (seconds < 0)).any():
+        raise InputError(f"{url}: dataset 'unit_seconds' holds negative or infinite seconds")
+    return seconds

@@ -37,12 +37,13 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cpcluster.errors import InputError
-from cpcluster.shard_extras import check_skipped, empty_skipped, read_extras, write_extras
+from cpcluster.shard_extras import check_seconds, check_skipped, empty_skipped, read_extras, write_extras
 
 SHARD_TEMPLATE = "shard-{index:05d}-of-{total:05d}.h5"
 SHARD_GLOB = "shard-*-of-*.h5"
 JOURNAL_SUFFIX = ".journal"
-_MAGIC = b"CPCJOURNAL1\n"
+_MAGIC = b"CPCJOURNAL2\n"  # records: unit, counts, device-seconds (float64), CRC32
+_MAGIC_V1 = b"CPCJOURNAL1\n"  # records without seconds (before cost accounting): read, never appended to
 _GLOB_CHARS = set("*?[")
 
 
@@ -89,8 +90,8 @@ def _journal_path(url: str, scratch_dir: str | None) -> str:
     return os.path.join(scratch, hashlib.sha1(url.encode()).hexdigest()[:20] + JOURNAL_SUFFIX)
 
 
-def _record_struct(num_classes: int) -> struct.Struct:
-    return struct.Struct(f"<{4 + num_classes}qI")
+def _record_struct(num_classes: int, version: int = 2) -> struct.Struct:
+    return struct.Struct(f"<{4 + num_classes}q{'d' if version >= 2 else ''}I")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class JournalState:
     units: np.ndarray  # (U, 4) int64
     counts: np.ndarray  # (U, C) int64
     valid_bytes: int  # file offset just after the last intact record
+    seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (U,) device-seconds, NaN where unknown
+    version: int = 2
 
 
 def read_journal(path: str) -> JournalState | None:
@@ -110,7 +113,8 @@ def read_journal(path: str) -> JournalState | None:
             data = fh.read()
     except FileNotFoundError:
         return None
-    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 12:
+    version = 2 if data.startswith(_MAGIC) else 1 if data.startswith(_MAGIC_V1) else 0
+    if not version or len(data) < len(_MAGIC) + 12:
         return None
     off = len(_MAGIC)
     (hlen,) = struct.unpack_from("<Q", data, off)
@@ -123,16 +127,19 @@ def read_journal(path: str) -> JournalState | None:
         return None
     header = json.loads(raw.decode("utf-8"))
     off += hlen + 4
-    rec = _record_struct(header["num_classes"])
-    rows = []
+    width = 4 + header["num_classes"]
+    rec = _record_struct(header["num_classes"], version)
+    rows, seconds = [], []
     while off + rec.size <= len(data):
         values = rec.unpack_from(data, off)
         if zlib.crc32(data[off : off + rec.size - 4]) != values[-1]:
             break
-        rows.append(values[:-1])
+        rows.append(values[:width])
+        seconds.append(values[width] if version >= 2 else float("nan"))
         off += rec.size
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4 + header["num_classes"])
-    return JournalState(header=header, units=arr[:, :4].copy(), counts=arr[:, 4:].copy(), valid_bytes=off)
+    arr = np.asarray(rows, dtype=np.int64).reshape(-1, width)
+    return JournalState(header=header, units=arr[:, :4].copy(), counts=arr[:, 4:].copy(), valid_bytes=off,
+                        seconds=np.asarray(seconds, dtype=np.float64), version=version)
 
 
 class ShardWriter:
@@ -162,17 +169,18 @@ class ShardWriter:
         self.journal_path = _journal_path(url, scratch_dir)
         os.makedirs(os.path.dirname(os.path.abspath(self.journal_path)), exist_ok=True)
         state = read_journal(self.journal_path)
-        if state is not None and state.header.get("config_hash") != self.config_hash:
-            raise InputError(f"{self.journal_path}: unfinished shard of a different run configuration; "
-                             "delete it or use another output directory")
+        if state is not None and (state.header.get("config_hash") != self.config_hash or state.version != 2):
+            raise InputError(f"{self.journal_path}: unfinished shard of a different run configuration (or of an "
+                             "older cpcluster); delete it or use another output directory")
         if state is None:
             self._create()
-            self._units, self._counts = [], []
+            self._units, self._counts, self._seconds = [], [], []
         else:
             with open(self.journal_path, "r+b") as fh:  # cut a torn tail record
                 fh.truncate(state.valid_bytes)
             self._units = [tuple(int(v) for v in row) for row in state.units]
             self._counts = [row.copy() for row in state.counts]
+            self._seconds = state.seconds.tolist()
         self._done = {u[:3]: u[3] for u in self._units}
         self._fh = open(self.journal_path, "ab")
 
@@ -193,8 +201,9 @@ class ShardWriter:
         """``{(image, stream, block): n_draws}`` of every unit already recorded."""
         return dict(self._done)
 
-    def append(self, unit: Sequence[int], counts: np.ndarray) -> None:
-        """Record one unit ``(image, stream, block, n_draws)`` with its (C,) class counts; durable on return."""
+    def append(self, unit: Sequence[int], counts: np.ndarray, seconds: float = float("nan")) -> None:
+        """Record one unit ``(image, stream, block, n_draws)`` with its (C,) class counts and the device-seconds
+        spent on it (NaN: unknown); durable on return."""
         image, stream, block, n_draws = (int(v) for v in unit)
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if counts.shape != (self.num_classes,):
@@ -203,12 +212,14 @@ class ShardWriter:
             raise ValueError(f"unit {(image, stream, block)} is already recorded in {self.url}")
         if int(counts.sum()) != n_draws or (counts < 0).any():
             raise ValueError(f"counts of unit {(image, stream, block)} do not sum to n_draws={n_draws}")
-        body = struct.pack(f"<{4 + self.num_classes}q", image, stream, block, n_draws, *counts.tolist())
+        body = struct.pack(f"<{4 + self.num_classes}qd", image, stream, block, n_draws, *counts.tolist(),
+                           float(seconds))
         self._fh.write(body + struct.pack("<I", zlib.crc32(body)))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._units.append((image, stream, block, n_draws))
         self._counts.append(counts)
+        self._seconds.append(float(seconds))
         self._done[(image, stream, block)] = n_draws
 
     @property
@@ -223,8 +234,11 @@ class ShardWriter:
         ``skipped``: (S, 5) planned units not counted and why (:mod:`cpcluster.shard_extras`), or None."""
         info = {**self.shard_info, **(shard_info_update or {})}
         units, counts = self.recorded
+        seconds = np.asarray(self._seconds, dtype=np.float64)
+        if not np.isnan(seconds).all():
+            info["device_seconds"] = float(np.nansum(seconds))
         payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True,
-                               skipped=skipped)
+                               skipped=skipped, seconds=seconds)
         write_bytes_atomic(self.url, payload)
         self.close()
         os.remove(self.journal_path)
@@ -242,8 +256,9 @@ class ShardWriter:
 
 
 def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.ndarray,
-                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool, skipped=None) -> bytes:
-    """The bytes of an HDF5 shard file in the format of the module docstring (``skipped``: see
+                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool, skipped=None,
+                 seconds=None) -> bytes:
+    """The bytes of an HDF5 shard file in the format of the module docstring (``skipped``, ``seconds``: see
     :mod:`cpcluster.shard_extras`)."""
     bio = io.BytesIO()
     with h5py.File(bio, "w") as f:
@@ -255,7 +270,7 @@ def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.n
         f.attrs["config_hash"] = config_hash(config)
         f.attrs["shard"] = json.dumps(shard_info, sort_keys=True)
         f.attrs["complete"] = bool(complete)
-        write_extras(f, skipped)
+        write_extras(f, skipped, seconds)
     return bio.getvalue()
 
 
@@ -305,6 +320,7 @@ class ShardData:
     image_index: np.ndarray  # (M,) int64
     labels: np.ndarray  # (M,) int64
     skipped: np.ndarray = field(default_factory=empty_skipped)  # (S, 5) int64, see cpcluster.shard_extras
+    seconds: np.ndarray | None = None  # (U,) float64 device-seconds per unit (NaN unknown); None: not recorded
 
 
 _DATASETS = ("units", "counts", "image_index", "labels")
@@ -403,7 +419,7 @@ def _check(url: str, a: dict, attrs: dict) -> ShardData:
     return ShardData(path=url, config=config, config_hash=_text(attrs["config_hash"]), shard=shard,
                      complete=bool(attrs["complete"]), units=units.astype(np.int64, copy=False),
                      counts=counts.astype(np.int64, copy=False), image_index=image_index, labels=labels,
-                     skipped=skipped)
+                     skipped=skipped, seconds=check_seconds(url, a.get("unit_seconds"), len(units)))
 
 
 def expand_paths(patterns: Iterable[str]) -> list[str]:

@@ -125,13 +125,15 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     start = time.time()
     info = {"index": index, "total": total, "unit_range": list(run.plan.ranges[index]), "host": socket.gethostname(),
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
-            "torch": torch.__version__, "numpy": np.__version__, "start_time": start}
+            "torch": torch.__version__, "numpy": np.__version__, "start_time": start,
+            "cost": cost_info(device, purifier)}
     with _shard_lock(_journal_path(url, None)) as lock:
         if _finished(run, url, index):  # another process finished it while we waited to start
             return url
         first = read_journal(_journal_path(url, None))
         if first is not None and first.header.get("shard", {}).get("rng_device") not in (None, device.type):
             info["rng_device"] = "mixed"  # valid, but the noise of this shard is not bit-reproducible
+            info["cost"]["device_type"] = "mixed"  # its unit seconds come from two kinds of device
         writer = ShardWriter(url, config=run.shard_config, shard_info=info, image_index=images, labels=labels,
                              num_classes=run.shard_config["num_classes"])
         try:
@@ -161,6 +163,27 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     return result
 
 
+def cost_info(device, purifier) -> dict:
+    """The shard attribute's ``cost`` entry: what one device-second buys (device type and name, torch threads on a
+    CPU) and the network evaluations per draw (purifier NFE + one classifier forward)."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device_type": device.type, "device_name": name, "devices": 1,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "nfe_per_draw": {"purifier": int(purifier.nfe), "classifier": 1}}
+
+
 def _finished(run, url: str, index: int) -> bool:
     """True when the shard file exists and is a complete shard of this run; InputError when it is another run's."""
     from cpcluster.shards import exists, read_shard
@@ -175,7 +198,8 @@ def _finished(run, url: str, index: int) -> bool:
 
 
 class _Counter:
-    """Counts units of one shard with one engine (built on first use), recording each unit in the shard's journal.
+    """Counts units of one shard with one engine (built on first use), recording each unit in the shard's journal
+    with the device-seconds since the previous unit completed (its cost; the units of a forward share it).
 
     ``count(units)`` may be called several times (early stopping counts in rounds); SIGTERM stops it right after
     the unit in progress is recorded, with :class:`ShardTerminated`.
@@ -185,7 +209,7 @@ class _Counter:
         self.run, self.models, self.purifier, self.images = run, models, purifier, images
         self.device, self.writer, self.index = device, writer, index
         self.engine, self.draws, self.seconds = None, 0, 0.0
-        self._last_log = time.perf_counter()
+        self._last_log = self._last_unit = time.perf_counter()
 
     def _build(self):
         import torch
@@ -213,9 +237,12 @@ class _Counter:
                 log.info("shard %d: %d/%d draws of this round, %.0f draws/s, ETA %.0f s", self.index, stats.draws,
                          planned, stats.draws_per_s, eta)
 
+        self._last_unit = time.perf_counter()
         with stop_on_sigterm("after the unit in progress is recorded") as terminated:
             def record(unit, counts):
-                self.writer.append(unit, counts)
+                now = time.perf_counter()  # device time since the previous unit's completion: this unit's cost
+                self.writer.append(unit, counts, seconds=now - self._last_unit)
+                self._last_unit = now
                 if terminated():
                     raise ShardTerminated(f"shard {self.index}: stopped by SIGTERM after {len(self.writer.done)} "
                                           "recorded units; rerun it (cpcluster resubmit RUN_DIR) to continue from "
