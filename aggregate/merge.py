@@ -1,7 +1,8 @@
 """Validate shard files against each other and merge their unit counts into per-image counts (DESIGN.md §5).
 
-Files are grouped by ``(method, sigma, mode)``, where the method is the identity of :mod:`cpcluster.aggregate.identity`
-(everything that defines the smoothed classifier and its certification) under a readable label. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
+Files are grouped by ``(method, sigma, mode)``, where the method is the identity of
+:mod:`cpcluster.aggregate.identity` (everything that defines the smoothed classifier and its certification) under a
+readable label. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
 ``(image, stream, block)`` may appear twice with different counts (an identical duplicate row is dropped with a
 warning). Every unit must be one the config plans: the selection unit ``(i, 0, 0)`` with ``n0`` draws (certify
 mode only) and estimation blocks ``(i, 1, b)``, ``b < ceil(n / block_size)``, with ``block_size`` draws (the last

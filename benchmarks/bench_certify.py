@@ -235,7 +235,8 @@ def main() -> None:
             for a, b in (("engine", "bare"), ("engine", "cohen"), ("cohen", "bare")):
                 ratios[s][f"{a}/{b}"] += [x / y for x, y in zip(out["rates"][a], out["rates"][b])]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{args.threads}, device {args.device}, {args.clock} clock; {desc}; {args.images} images x (n0 {args.n0} + n {args.n}), "
+          f"{args.threads}, device {args.device}, {args.clock} clock; {desc}; "
+          f"{args.images} images x (n0 {args.n0} + n {args.n}), "
           f"batch {args.batch}; {args.pairs} x {args.rounds} interleaved rounds per setting")
     print("| malloc tuning | bare draws/s | engine draws/s | cohen draws/s | engine/bare | engine/cohen | cohen/bare "
           "| engine overhead / forward |")

@@ -65,7 +65,8 @@ def main() -> int:
             wall, cpu, counted, planned, shards = certify(cfg)
             skipped = [r for s in shards for r in s.skipped.tolist()]
             images = {k: len({r[0] for r in skipped if r[4] == k}) for k in (1, 2)}
-            rows.append((sigma, mode, planned, counted, wall, cpu, images[1], images[2]))
+            per_shard = [int(s.units[:, 3].sum()) for s in shards]
+            rows.append((sigma, mode, planned, counted, wall, cpu, images[1], images[2], per_shard))
             print(f"sigma {sigma:g} {mode}: {counted:,} of {planned:,} draws, {wall:.1f} s wall, {cpu:.1f} s CPU",
                   file=sys.stderr)
     tables = {}
@@ -77,13 +78,15 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread, load "
           f"average {os.getloadavg()[0]:.1f}; purifier {args.purifier}"
           f"{'' if args.purifier == 'none' else f' ({args.denoiser})'}, --early-stop {args.max_alpha:g}")
-    print("| sigma | run | draws planned | draws counted | saved | wall s | CPU s | CPU s full / early | "
-          "wrong-class images | cut-short images |")
-    print("|--:|:--|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for k, (sigma, mode, planned, counted, wall, cpu, wrong, cut) in enumerate(rows):
-        ratio = f"{rows[k - 1][5] / cpu:.2f}x" if mode != "full" else ""
-        print(f"| {sigma:g} | {mode} | {planned:,} | {counted:,} | {100 * (1 - counted / planned):.1f}% | {wall:.1f} | "
-              f"{cpu:.1f} | {ratio} | {wrong if mode != 'full' else ''} | {cut if mode != 'full' else ''} |")
+    print("| sigma | run | draws planned | draws counted | saved | draws per shard | wall s | CPU s | "
+          "CPU s full / early | wrong-class images | cut-short images |")
+    print("|--:|:--|--:|--:|--:|:--|--:|--:|--:|--:|--:|")
+    for k, (sigma, mode, planned, counted, wall, cpu, wrong, cut, per_shard) in enumerate(rows):
+        early = mode != "full"
+        ratio = f"{rows[k - 1][5] / cpu:.2f}x" if early else ""
+        print(f"| {sigma:g} | {mode} | {planned:,} | {counted:,} | {100 * (1 - counted / planned):.1f}% | "
+              f"{' / '.join(f'{d:,}' for d in per_shard)} | {wall:.1f} | {cpu:.1f} | {ratio} | "
+              f"{wrong if early else ''} | {cut if early else ''} |")
     print("\nfull run:\n" + tables["full"] + "\nearly stopping:\n" + tables["early"])
     same = [line for line in tables["full"].splitlines() if line.startswith("|")] == \
         [line for line in tables["early"].splitlines() if line.startswith("|")]

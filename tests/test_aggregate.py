@@ -188,9 +188,9 @@ def test_runs_that_differ_in_what_defines_the_smoothed_classifier_are_separate_m
     res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "?"),), radii=(0.0, 0.5)))
     rows = [(r.group.plan.method, r.group.plan.sigma) for r in res.results]
     base = "consistency(demo-random)"
-    assert rows == [(f"{base} [classifier=demo-random, seed=0]", 0.25), (f"{base} [classifier=demo-random, seed=0]", 0.5),
-                    (f"{base} [classifier=demo-random, seed=7]", 0.5), (f"{base} [classifier=resnet-b, seed=0]", 0.25),
-                    (f"{base} [classifier=resnet-b, seed=0]", 0.5), ("none", 0.5)]
+    a, b, c = (f"{base} [classifier={clf}, seed={seed}]" for clf, seed in
+               (("demo-random", 0), ("demo-random", 7), ("resnet-b", 0)))
+    assert rows == [(a, 0.25), (a, 0.5), (b, 0.5), (c, 0.25), (c, 0.5), ("none", 0.5)]
     by = {(r.group.plan.method, r.group.plan.sigma): r.certified_accuracy for r in res.results}
     envs = {e.method: e for e in res.envelopes}
     for label in (f"{base} [classifier=demo-random, seed=0]", f"{base} [classifier=resnet-b, seed=0]"):
