@@ -208,7 +208,7 @@ class _Counter:
     def __init__(self, run, models, purifier, images, device, writer, index: int):
         self.run, self.models, self.purifier, self.images = run, models, purifier, images
         self.device, self.writer, self.index = device, writer, index
-        self.engine, self.draws, self.seconds = None, 0, 0.0
+        self.engine, self.draws, self.seconds, self.forwards = None, 0, 0.0, 0
         self._last_log = self._last_unit = time.perf_counter()
 
     def _build(self):
@@ -251,14 +251,17 @@ class _Counter:
             stats = self.engine.run(units, on_unit=record, on_progress=progress)
         self.draws += stats.draws
         self.seconds += stats.seconds
+        self.forwards += stats.forwards
         log.info("shard %d: %d draws in %.1f s, %.0f draws/s", self.index, stats.draws, stats.seconds,
                  stats.draws_per_s)
 
     def summary(self) -> dict:
-        """Shard-info entries of this session's counting (none when it counted nothing)."""
+        """Shard-info entries of this session's counting (none when it counted nothing); ``padded_draws``: rows
+        of fixed-shape forwards that held no draw (the last forward of every engine run is padded)."""
         if not self.draws:
             return {}
-        return {"draws_per_s": round(self.draws / max(self.seconds, 1e-9), 3), "seconds": round(self.seconds, 3)}
+        return {"draws_per_s": round(self.draws / max(self.seconds, 1e-9), 3), "seconds": round(self.seconds, 3),
+                "forwards": self.forwards, "padded_draws": self.forwards * self.run.config.batch - self.draws}
 
 
 def _note_session(lock_file, draws_at_start: int) -> None:
