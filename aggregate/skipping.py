@@ -70,7 +70,8 @@ def image_step(selection: np.ndarray | None, label: int, block_draws: Sequence[i
         if abstain_certain(k, m, n, max_alpha):  # k: the hits known so far, as if every pending block missed
             if run:
                 break
-            return Step(False, (), tuple((c, ABSTAIN_CERTAIN) for c in range(b, len(block_draws))), True)
+            rest = (c for c in range(b, len(block_draws)) if c not in recorded)
+            return Step(False, (), tuple((c, ABSTAIN_CERTAIN) for c in rest), True)
         if b in recorded:
             k += int(recorded[b][c_a])
         else:

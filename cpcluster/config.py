@@ -147,7 +147,8 @@ class CertifyConfig:
                 flag = "--time" if name == "time_rule" else f"--{name}"
                 raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.early_stop is not None:
-            if not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
+            if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, (int, float)) or \
+                    not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
                 raise InputError(f"--early-stop {self.early_stop}: give the largest alpha you will aggregate at, "
                                  "in (0, 0.5), e.g. --early-stop 0.01")
             if self.mode != "certify":

@@ -100,6 +100,10 @@ def test_run_directory_resumes_refuses_and_overwrites(tmp_path):
     (["--sigma", "0.5", "--classifier", "nosuch"], "--classifier 'nosuch': unknown kind"),
     (["--sigma", "0.5", "--block-size", "90"], "not a multiple of --draw-batch 20"),
     (["--sigma", "0.5", "--indices", "3,600"], "image 600 is outside"),
+    (["--sigma", "0.5", "--early-stop", "0.5"], "--early-stop 0.5: give the largest alpha"),
+    (["--sigma", "0.5", "--early-stop", "0.01", "--mode", "predict"], "--early-stop needs --mode certify"),
+    (["--sigma", "0.5", "--early-stop", "0.01", "--shards", "9"], "every shard holds whole images; use 1 to 8"),
+    (["--sigma", "0.5", "--n", "40000000", "--draw-batch", "1", "--block-size", "1"], "at most 33554432 noise"),
     ([], "--sigma is required"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
