@@ -2,8 +2,8 @@
 
 A shard of an early-stopping run holds whole images (the plan's interleaved layout). Each round asks
 :func:`cpcluster.aggregate.skipping.image_step` what every image needs next -- its selection unit, or the
-estimation blocks that are safe to count before the next decision -- and counts all of them in one engine run
-(noise batches of many images packed into full forwards; only a round's last forward is padded). Images whose
+estimation blocks that are safe to count before the next decision -- and counts them in one engine run (noise
+batches of many images packed into full forwards; what does not fill a whole forward waits for the next round). Images whose
 selection picks a wrong class, or whose abstention becomes certain, get no further units; what they skip is
 returned for the shard file's ``skipped`` dataset.
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from cpcluster.aggregate.skipping import image_step
 from cpcluster.sharding.plan import ESTIMATION, SELECTION
+from cpcluster.sharding.seeds import unit_batches
 
 
 def _state(writer) -> tuple:
@@ -49,13 +50,32 @@ def next_round(units: np.ndarray, labels: dict, writer, n: int, max_alpha: float
     return np.asarray(todo, dtype=np.int64).reshape(-1, 4), np.asarray(skipped, dtype=np.int64).reshape(-1, 5)
 
 
+def full_forwards_prefix(todo: np.ndarray, block_size: int, draw_batch: int, batch: int) -> int:
+    """How many leading units of ``todo`` end exactly on a full forward when the engine packs their noise batches
+    (greedily, ``batch`` draws per forward); 0 when no prefix does."""
+    filled, best = 0, 0
+    for k, (_, stream, block, n_draws) in enumerate(todo.tolist()):
+        for _, size in unit_batches(stream, block, n_draws, block_size, draw_batch):
+            filled = size if filled + size > batch else filled + size
+        if filled == batch:
+            best = k + 1
+    return best
+
+
 def count_in_rounds(counter, units: np.ndarray, labels: dict, writer, n: int, max_alpha: float) -> np.ndarray:
-    """Count the shard's units round by round with ``counter.count(units)``; return the (S, 5) skipped rows."""
+    """Count the shard's units round by round with ``counter.count(units)``; return the (S, 5) skipped rows.
+
+    The engine pads the last forward of every run to its fixed shape, so a round counts only the units that fill
+    whole forwards and leaves the rest to the next round, which recomputes them with new work of other images:
+    only a round whose units fill no forward at all is padded (in practice the last one or two of a shard).
+    Deferring a unit changes no decision, because every decision depends on the image's own counts only."""
+    cfg = counter.run.config
     while True:
         todo, skipped = next_round(units, labels, writer, n, max_alpha)
         if not len(todo):
             return skipped
-        counter.count(todo)
+        k = full_forwards_prefix(todo, cfg.block_size, cfg.draw_batch, cfg.batch)
+        counter.count(todo[:k] if k else todo)
 
 
 # ------------------------------------------------------------------------------------------------------ dry run

@@ -76,6 +76,18 @@ def test_abstention_rule_is_monotone_and_matches_the_bound():
     assert abstain_certain(10, 200, 300, 0.001) <= abstain_certain(10, 200, 300, 0.05)  # larger alpha: stops later
 
 
+def test_a_round_counts_the_units_that_fill_whole_forwards():
+    from cpcluster.jobs.early_stop import full_forwards_prefix
+
+    units = np.array([[0, 0, 0, 100]] + [[0, 1, b, 100] for b in range(5)], dtype=np.int64)
+    assert full_forwards_prefix(units, 100, 100, 400) == 4
+    assert full_forwards_prefix(units[:3], 100, 100, 400) == 0
+    assert full_forwards_prefix(units, 100, 100, 200) == 6
+    # noise batches of 300 leave 100 rows of every forward of 400 empty: no prefix ends on a full forward
+    odd = np.array([[0, 1, b, 300] for b in range(4)], dtype=np.int64)
+    assert full_forwards_prefix(odd, 300, 300, 400) == 0
+
+
 def test_interleaved_plan_gives_every_shard_whole_images_in_a_stride():
     images = np.arange(0, 110, 10)
     plan = make_plan(images, 100, 1000, 100, 4, "certify", "interleaved")
@@ -164,20 +176,29 @@ def test_early_stop_gives_the_full_runs_table_and_reports_the_draws_it_saved(dem
 
 
 def test_early_stop_is_shard_invariant_and_resumes_after_a_crash(demo_runs, tmp_path, monkeypatch):
+    from cpcluster.jobs import certify
+
     _, _, early, _ = demo_runs
+    rounds, count = [], certify._Counter.count
+    monkeypatch.setattr(certify._Counter, "count", lambda self, units: (rounds.append(int(units[:, 3].sum())),
+                                                                         count(self, units)))
     one, _ = _certify(_config(tmp_path / "one", MAX_ALPHA, shards=1))
+    monkeypatch.setattr(certify._Counter, "count", count)
     for a, b in zip(_table(one), _table(early)):
         np.testing.assert_array_equal(a, b)
+    # a round counts whole forwards of 400 draws; only rounds with less work than one forward are padded
+    assert all(r % 400 == 0 for r in rounds if r >= 400) and len(rounds) >= 3
+    assert one[0].shard["padded_draws"] == sum(-r % 400 for r in rounds)
     # killed after 7 and after 45 recorded units (inside the selection round of 32 images, inside an estimation round)
     append = ShardWriter.append
     for kill_at in (7, 45):
         calls = [0]
 
-        def dying(self, unit, counts):
+        def dying(self, unit, counts, seconds=float("nan")):
             if calls[0] == kill_at:
                 raise KeyboardInterrupt("killed")
             calls[0] += 1
-            append(self, unit, counts)
+            append(self, unit, counts, seconds)
 
         cfg = _config(tmp_path / f"k{kill_at}", MAX_ALPHA, shards=1)
         monkeypatch.setattr(ShardWriter, "append", dying)
