@@ -193,6 +193,7 @@ def _read_complete(url: str, config_hash: str) -> ShardFiles:
             complete, file_hash = bool(f.attrs["complete"]), f.attrs["config_hash"]
             info = json.loads(f.attrs["shard"])
             units = np.asarray(f["units"][()], dtype=np.int64).reshape(-1, 4)
+            skipped = np.asarray(f["skipped"][()], dtype=np.int64).reshape(-1, 5) if "skipped" in f else None
     except Exception as e:  # h5py raises OSError / KeyError / ValueError on damaged files
         return ShardFiles("bad", detail=f"shard file unreadable ({type(e).__name__}); remove it and resubmit")
     file_hash = file_hash.decode() if isinstance(file_hash, bytes) else str(file_hash)
@@ -202,8 +203,10 @@ def _read_complete(url: str, config_hash: str) -> ShardFiles:
         return ShardFiles("bad", units=len(units), draws=int(units[:, 3].sum()),
                           detail="shard file marked incomplete")
     rate = info.get("draws_per_s") if isinstance(info, dict) else None
-    return ShardFiles("complete", len(units), int(units[:, 3].sum()),
-                      float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
+    saved = int(skipped[:, 3].sum()) if skipped is not None else 0  # early stopping: planned, decided, not counted
+    return ShardFiles("complete", len(units) + (len(skipped) if skipped is not None else 0),
+                      int(units[:, 3].sum()) + saved, float(rate) if isinstance(rate, (int, float)) and rate > 0
+                      else None, detail=f"{saved:,} draws skipped by early stopping" if saved else "")
 
 
 def shard_files(run_dir: str, index: int, total: int, config_hash: str, held: set | None = None) -> ShardFiles:
@@ -270,7 +273,7 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
     from cpcluster.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
 
     if files.kind == "complete":
-        return "complete", ""
+        return "complete", files.detail
     if files.kind == "bad":
         return "failed", files.detail
     jid = record.get("job_id") if record else None

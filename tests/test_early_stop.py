@@ -256,3 +256,17 @@ def test_dry_run_estimates_the_saving_from_recorded_selection_counts_or_says_it_
     res = CliRunner().invoke(main, args + ["--name", "fresh"])
     assert res.exit_code == 0 and "the saving cannot be estimated yet" in res.output
     assert not (root / "fresh").exists()
+
+
+def test_status_counts_skipped_units_as_done(demo_runs):
+    from click.testing import CliRunner
+
+    from cpcluster.cli import main
+
+    root, _, early, _ = demo_runs
+    res = CliRunner().invoke(main, ["status", str(root / "early"), "--no-slurm"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 3 and all(r[1] == "complete" and r[2].split("/")[0] == r[2].split("/")[1] for r in rows)
+    for row, s in zip(rows, early):
+        assert f"{int(s.skipped[:, 3].sum()):,} draws skipped by early stopping" in " ".join(row)
