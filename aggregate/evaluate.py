@@ -15,6 +15,7 @@ import numpy as np
 
 from cpcluster.aggregate import stats
 from cpcluster.aggregate.merge import GroupCounts
+from cpcluster.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ class GroupResult:
     radius: np.ndarray  # (E,) pixel-space L2 radius, 0.0 on abstain and always in predict mode
     n0: np.ndarray  # (E,) selection draws used
     n: np.ndarray  # (E,) estimation draws used
-    missing: np.ndarray  # image indices not evaluated (incomplete, default mode)
+    missing: np.ndarray  # image indices not evaluated: incomplete (default mode) or held only by absent shard files
     partial: np.ndarray  # image indices evaluated with fewer draws than planned (allow_partial)
+    skip: np.ndarray  # (E,) early stopping: 0, or why the image's estimation stopped (aggregate.skipping.REASONS)
     certified_accuracy: np.ndarray  # (R,) at the requested radii; NaN at r > 0 in predict mode
     acr: float  # NaN in predict mode or with no image
 
@@ -43,14 +45,23 @@ class GroupResult:
 
 
 def evaluate_group(group: GroupCounts, alpha: float, radii: Sequence[float], allow_partial: bool) -> GroupResult:
-    """CERTIFY (or PREDICT, by the run's mode) every evaluated image of ``group`` at level ``alpha``."""
+    """CERTIFY (or PREDICT, by the run's mode) every evaluated image of ``group`` at level ``alpha``.
+
+    Images that early stopping skipped abstain with radius 0 (exact at every ``alpha`` up to the run's
+    ``max_alpha``: see :mod:`cpcluster.aggregate.skipping`); a larger ``alpha`` is an InputError."""
     plan = group.plan
+    if plan.max_alpha is not None and alpha > plan.max_alpha:
+        raise InputError(f"--alpha {alpha:g}: {plan.method} sigma {plan.sigma:g} was certified with --early-stop "
+                         f"{plan.max_alpha:g}, whose skipped draws are exact only for alpha <= {plan.max_alpha:g}; "
+                         f"aggregate it at --alpha {plan.max_alpha:g} or less")
     use = np.ones(len(group.image_index), dtype=bool) if allow_partial else group.complete
     pick = (lambda a: a) if use.all() else (lambda a: a[use])  # no copy of the (M, C) counts when all are used
     counts0, counts, n = pick(group.counts0), pick(group.counts), pick(group.n_present)
     radii = np.asarray(radii, dtype=np.float64)
     if plan.mode == "certify":
         predict, radius, _ = stats.certify_decision(counts0, counts, alpha, plan.sigma, n=n)
+        skipped = pick(group.skips.reason) != 0
+        predict[skipped], radius[skipped] = stats.ABSTAIN, 0.0
         cert = stats.certified_accuracy(predict, group.labels[use], radius, radii)
         acr = stats.average_certified_radius(predict, group.labels[use], radius)
     else:
@@ -61,7 +72,8 @@ def evaluate_group(group: GroupCounts, alpha: float, radii: Sequence[float], all
         acr = float("nan")
     return GroupResult(group=group, idx=group.image_index[use], label=group.labels[use], predict=predict,
                        radius=radius, n0=pick(group.n0_present), n=n,
-                       missing=group.image_index[~use], partial=group.image_index[use & ~group.complete],
+                       missing=np.union1d(group.image_index[~use], group.absent),
+                       partial=group.image_index[use & ~group.complete], skip=pick(group.skips.reason),
                        certified_accuracy=cert, acr=acr)
 
 

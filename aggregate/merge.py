@@ -1,7 +1,8 @@
 """Validate shard files against each other and merge their unit counts into per-image counts (DESIGN.md §5).
 
-Files are grouped by ``(method, sigma, mode)``; :func:`method_name` derives the method from the config's purifier and
-denoiser. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
+Files are grouped by ``(method, sigma, mode)``, where the method is the identity of
+:mod:`cpcluster.aggregate.identity` (everything that defines the smoothed classifier and its certification) under a
+readable label. Inside a group every file must carry the same ``config_hash``, every image the same label, and no unit
 ``(image, stream, block)`` may appear twice with different counts (an identical duplicate row is dropped with a
 warning). Every unit must be one the config plans: the selection unit ``(i, 0, 0)`` with ``n0`` draws (certify
 mode only) and estimation blocks ``(i, 1, b)``, ``b < ceil(n / block_size)``, with ``block_size`` draws (the last
@@ -15,52 +16,35 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
+from cpcluster.aggregate.absent import absent_images
+from cpcluster.aggregate.cost import Cost, group_cost
+from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
+from cpcluster.aggregate.skipping import REASONS, Skips, merge_skipped, verify
 from cpcluster.errors import InputError
+from cpcluster.sharding.seeds import NOISE_SCHEME
 from cpcluster.shards import ShardData
 
 MODES = ("certify", "predict")
-# Purifier parameters that tell methods apart. Sigma-dependent ones (t_sigma, the chosen DDPM step) must not be
-# here, or the same method at two sigmas would look like two methods and the best-over-sigma row would break.
-NAME_KEYS = ("time_rule", "steps", "solver", "label_policy")
-NAME_DEFAULTS = {"time_rule": "nearest"}
-
-
-def method_name(config: dict) -> str:
-    """Readable method name from ``config["purifier"]`` and ``config["denoiser"]``.
-
-    ``"none"`` for the identity purifier; else ``"kind(denoiser spec[, key=value ...])"`` with the non-default
-    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``.
-    """
-    pur = config.get("purifier")
-    kind = pur.get("kind") if isinstance(pur, dict) else pur
-    if not isinstance(kind, str) or not kind:
-        raise ValueError("config key 'purifier' must be an object with a 'kind' string")
-    if kind == "none":
-        return "none"
-    den = config.get("denoiser")
-    spec = den.get("spec") if isinstance(den, dict) else den
-    parts = [str(spec)] if spec else []
-    if isinstance(pur, dict):
-        parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
-    return f"{kind}({', '.join(parts)})" if parts else kind
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """What one file's config says about the units of every image."""
 
-    method: str
+    method: str  # the table label (readable name, plus a suffix where two methods would share it)
+    method_id: str  # identity hash: equal exactly for runs of one method
     sigma: float
     mode: str
     n0: int  # 0 in predict mode
     n: int
     block_size: int
     num_classes: int
+    max_alpha: float | None = None  # early stopping: skips hold for every alpha up to this; None without it
 
     @property
     def num_blocks(self) -> int:
@@ -100,8 +84,20 @@ def run_plan(shard: ShardData) -> RunPlan:
     except ValueError as e:
         raise InputError(f"{path}: {e}") from None
     n0 = _positive_int(c, "n0", path) if mode == "certify" else 0
-    return RunPlan(method=method, sigma=float(sigma), mode=mode, n0=n0, n=_positive_int(c, "n", path),
-                   block_size=_positive_int(c, "block_size", path), num_classes=c["num_classes"])
+    return RunPlan(method=method, method_id=identity_hash(c), sigma=float(sigma), mode=mode, n0=n0,
+                   n=_positive_int(c, "n", path), block_size=_positive_int(c, "block_size", path),
+                   num_classes=c["num_classes"], max_alpha=_max_alpha(c, path))
+
+
+def _max_alpha(config: dict, path: str) -> float | None:
+    """``early_stop.max_alpha`` of a config (None without early stopping), checked."""
+    early = config.get("early_stop")
+    if early is None:
+        return None
+    value = early.get("max_alpha") if isinstance(early, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+        raise InputError(f"{path}: config key 'early_stop' must hold 'max_alpha' in (0, 0.5)")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,11 @@ class GroupCounts:
     counts: np.ndarray  # (M, C) int64 estimation counts
     n0_present: np.ndarray  # (M,) int64 selection draws present (row sums of counts0)
     n_present: np.ndarray  # (M,) int64 estimation draws present (row sums of counts)
-    complete: np.ndarray  # (M,) bool, every planned unit present
+    complete: np.ndarray  # (M,) bool, every planned unit present or skipped
+    skips: Skips  # early stopping: what each image skipped and why (all zeros without it)
+    cost: Cost  # device time and draws of the units used (aggregate/cost.py)
     missing_shards: tuple  # shard indices absent from index/total in the shard attrs, when those are known
+    absent: np.ndarray  # (A,) int64 images the plan gives to absent shards and no file lists
     warnings: tuple
 
 
@@ -164,6 +163,12 @@ def _missing_shards(shards: Sequence[ShardData]) -> tuple:
     return tuple(sorted(set(range(totals.pop())) - {d["index"] for d in info}))
 
 
+def _head(values, k: int = 10) -> str:
+    """The first ``k`` values, comma-separated, with `` ...`` when there are more."""
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:k])) + (" ..." if len(values) > k else "")
+
+
 def _as_slice(idx: np.ndarray):
     """``idx`` as a slice when it is an increasing arithmetic progression (views, no copies), else unchanged."""
     if len(idx) == 1:
@@ -201,6 +206,9 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
                              f"{_first_difference(ref.config, s.config)}; aggregate them separately")
     warnings = [f"{s.path}: marked incomplete; its unfinished units count as missing"
                 for s in shards if not s.complete]
+    if "noise" not in ref.config:
+        warnings.append(f"{plan.method} sigma {plan.sigma:g}: made before noise scheme {NOISE_SCHEME}; on a CPU two "
+                        "of its noise batches could draw the same noise (torch kept 32 bits of a seed); rerun it")
     image_index, labels = _merge_labels(shards)
     m, c = len(image_index), plan.num_classes
 
@@ -258,26 +266,55 @@ def merge_group(shards: Sequence[ShardData], plan: RunPlan) -> GroupCounts:
                 _add_rows(acc[stream], pos, s.counts, rows)
                 np.add.at(draws[stream], pos, s.units[rows, 3])
         per_image_units += np.bincount(np.searchsorted(image_index, s.units[kept, 0]), minlength=m)
+    skips = merge_skipped(shards, image_index, units[keep, :3], plan)
+    complete = per_image_units + skips.units == plan.units_per_image
+    _verify_skips(shards, plan, image_index, labels, acc, draws[1], skips, complete)
     missing_shards = _missing_shards(shards)
+    absent, problem = absent_images(shards, missing_shards)
     if missing_shards:
-        head = ", ".join(map(str, missing_shards[:10])) + (" ..." if len(missing_shards) > 10 else "")
+        held = f"{problem}" if problem else f"they alone held {len(absent)} image(s) (index {_head(absent)})"
         warnings.append(f"{plan.method} sigma {plan.sigma:g}: {len(missing_shards)} shard file(s) absent "
-                        f"(index {head})")
+                        f"(index {_head(missing_shards)}); {held}")
     return GroupCounts(plan=plan, config=ref.config, config_hash=ref.config_hash,
                        files=tuple(s.path for s in shards), image_index=image_index, labels=labels,
                        counts0=acc[0], counts=acc[1], n0_present=draws[0], n_present=draws[1],
-                       complete=per_image_units == plan.units_per_image,
-                       missing_shards=missing_shards, warnings=tuple(warnings))
+                       complete=complete, skips=skips,
+                       cost=group_cost(shards, [keep[owner == i] for i in range(len(shards))], m),
+                       missing_shards=missing_shards, absent=absent, warnings=tuple(warnings))
+
+
+def _verify_skips(shards, plan: RunPlan, image_index, labels, acc, n_present, skips: Skips, complete) -> None:
+    """InputError unless the counts of every complete image justify what it skipped (:func:`skipping.verify`)."""
+    check = complete & (skips.reason != 0)
+    if not check.any():
+        return
+    bad = verify(acc[0][check], acc[1][check], labels[check], n_present[check], plan.n, skips.reason[check],
+                 plan.max_alpha)
+    if len(bad):
+        j = int(np.flatnonzero(check)[bad[0]])
+        raise InputError(f"{shards[0].path} (and the rest of its run): image {int(image_index[j])} skipped units as "
+                         f"'{REASONS.get(int(skips.reason[j]), skips.reason[j])}', which its counts do not justify; "
+                         "the files were edited or made by another program")
 
 
 def merge_shards(shards: Sequence[ShardData]) -> list:
-    """Group shards by ``(method, sigma, mode)`` and merge each group; returns them sorted by that key.
+    """Group shards by ``(method, sigma, mode)`` and merge each group; returns them sorted by (label, sigma, mode).
 
-    ``mode`` is part of the key so a CERTIFY and a PREDICT run at the same sigma are two rows, not a conflict."""
+    The method is the identity hash; every group's plan carries its label from
+    :func:`cpcluster.aggregate.identity.method_labels`. ``mode`` is part of the key so a CERTIFY and a PREDICT run
+    at the same sigma are two rows, not a conflict."""
     if not shards:
         raise InputError("no shard files given")
     groups: dict = {}
+    methods: dict = {}
     for s in shards:
         plan = run_plan(s)
-        groups.setdefault((plan.method, plan.sigma, plan.mode), (plan, []))[1].append(s)
-    return [merge_group(files, plan) for _, (plan, files) in sorted(groups.items(), key=lambda kv: kv[0])]
+        groups.setdefault((plan.method_id, plan.sigma, plan.mode), (plan, []))[1].append(s)
+        methods.setdefault(plan.method_id, (plan.method, identity(s.config), plan.mode))
+    partner = predict_partners(methods)
+    labels = method_labels({mid: m[:2] for mid, m in methods.items() if mid not in partner})
+    labels.update({mid: labels[other] for mid, other in partner.items()})
+    plans = [(replace(plan, method=labels[plan.method_id], method_id=partner.get(plan.method_id, plan.method_id)),
+              files) for plan, files in groups.values()]
+    plans.sort(key=lambda pf: (pf[0].method, pf[0].sigma, pf[0].mode))
+    return [merge_group(files, plan) for plan, files in plans]

@@ -7,7 +7,9 @@ renamed into place only when every one is written (:func:`cpcluster.fileio.write
 leaves the folder as it was.
 
 Outputs in ``out``: one TSV per group (``<method>-sigma<s>[-predict].tsv``), ``summary.json``, ``table.md`` (and
-``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, and ``inputs.json`` (the options, the
+``table.tex`` / ``table.csv`` with ``format``), ``certified_accuracy.png``, when the shards recorded their device
+time ``cost.csv`` and ``cost.png`` (certified accuracy at ``cost_radius`` against device-seconds per image; the
+cost table is also appended to ``table.md``), and ``inputs.json`` (the options, the
 input files with their hashes and the list of outputs written: the one output that depends on how the units were
 split into files). Outputs of an earlier aggregation into ``out`` that this one does not write (its
 ``inputs.json`` lists them) are removed once the new ones are in place; other files are left as they are.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import fsspec
 
+from cpcluster.aggregate.cost import cost_csv, cost_png, cost_table
 from cpcluster.aggregate.evaluate import envelopes, evaluate_group
 from cpcluster.aggregate.merge import merge_shards
 from cpcluster.aggregate.plot import plot_png
@@ -31,6 +34,8 @@ from cpcluster.fileio import filesystem, read_json, write_files_together
 from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard
 
 PLOT_FILE = "certified_accuracy.png"
+COST_PLOT = "cost.png"
+COST_CSV = "cost.csv"
 
 
 @dataclass(frozen=True)
@@ -136,13 +141,21 @@ def build_outputs(opts: AggregateOptions):
                             "row compares unlike sets")
     outputs = {name: tsv_bytes(r) for r, name in zip(results, tsv_names(results))}
     outputs["summary.json"] = summary_bytes(results, envs, opts.alpha, opts.radii, opts.allow_partial)
-    outputs[TABLE_FILES["md"]] = table_text(results, envs, opts.radii, "md").encode("utf-8")
-    table = table_text(results, envs, opts.radii, opts.format)
+    costs = cost_table(results)
+    md = table_text(results, envs, opts.radii, "md")
+    if costs:
+        md += "\nCost (device time spent counting, from the shard files):\n\n" + costs
+        outputs[COST_CSV] = cost_csv(results)
+    outputs[TABLE_FILES["md"]] = md.encode("utf-8")
+    table = md if opts.format == "md" else table_text(results, envs, opts.radii, opts.format)
     outputs[TABLE_FILES[opts.format]] = table.encode("utf-8")
     if opts.plot:
         png = plot_png(results, envs, opts.radii)
         if png is not None:
             outputs[PLOT_FILE] = png
+        png = cost_png(results, opts.radius_for_cost) if costs else None
+        if png is not None:
+            outputs[COST_PLOT] = png
     inputs = {"options": opts.to_dict(), "warnings": warnings, "outputs": sorted(outputs) + ["inputs.json"],
               "files": [{"path": s.path, "config_hash": s.config_hash, "complete": s.complete, "shard": s.shard,
                          "units": int(len(s.units))} for s in sorted(shards, key=lambda s: s.path)]}

@@ -20,9 +20,22 @@ def curve(result: GroupResult, grid: np.ndarray) -> np.ndarray:
     return stats.certified_accuracy(result.predict, result.label, result.radius, grid)
 
 
+BEST_LABEL = "best over σ: per-radius max\nover different smoothed classifiers"
+
+
 def plot_png(results: Sequence[GroupResult], envs: Sequence[Envelope], radii: Sequence[float],
              points: int = 400) -> bytes | None:
-    """PNG bytes of the figure, or ``None`` when no group is in certify mode with at least one image."""
+    """PNG bytes of :func:`figure`, or ``None`` when no group is in certify mode with at least one image."""
+    fig = figure(results, envs, radii, points)
+    if fig is None:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def figure(results: Sequence[GroupResult], envs: Sequence[Envelope], radii: Sequence[float], points: int = 400):
+    """The matplotlib Figure (Agg canvas), or ``None`` when no group is in certify mode with at least one image."""
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -43,7 +56,7 @@ def plot_png(results: Sequence[GroupResult], envs: Sequence[Envelope], radii: Se
             ax.plot(grid, curve(r, grid), drawstyle="steps-post", label=f"σ = {r.group.plan.sigma:g}")
         if method in env and len(env[method].sigmas) > 1:
             best = np.max([curve(r, grid) for r in certify if r.group.plan.method == method], axis=0)
-            ax.plot(grid, best, "k--", lw=1, drawstyle="steps-post", label="best over σ")
+            ax.plot(grid, best, "k--", lw=1, drawstyle="steps-post", label=BEST_LABEL)
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("radius (L2, pixel space [0,1])")
         ax.set_ylabel("certified accuracy")
@@ -52,6 +65,4 @@ def plot_png(results: Sequence[GroupResult], envs: Sequence[Envelope], radii: Se
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig

@@ -141,8 +141,40 @@ def child(args) -> None:
                     torch.cuda.synchronize()
                 rates[m].append(draws / (clock() - t0))
         overhead = engine_overhead_s(x, args.images, args.n0, args.n, args.batch, clock)
+        seeding = seeding_us(x, args.device, clock)
     forward = args.batch / statistics.median(rates["bare"])
-    print(json.dumps({"desc": desc, "rates": rates, "overhead": overhead / forward}))
+    print(json.dumps({"desc": desc, "rates": rates, "overhead": overhead / forward, "seeding": seeding}))
+
+
+def seeding_us(x, device: str, clock=time.perf_counter, batches: int = 2000) -> dict:
+    """Microseconds per noise batch: putting the generator into a batch's state (noise scheme counter-v2, and the
+    earlier SeedSequence seed + ``manual_seed``, whose 32-bit CPU seeds collided), and drawing its 100 x C x H x W
+    normals; best of 3."""
+    import numpy as np
+    import torch
+
+    from cpcluster.noise import BatchGenerator
+
+    gen = BatchGenerator(0, device)
+    old = torch.Generator(device=device)
+    buf = torch.empty((100, *x.shape[1:]), device=device)
+
+    def old_seed(i, j):
+        state = np.random.SeedSequence(0, spawn_key=(i, 1, j)).generate_state(2, np.uint32)
+        old.manual_seed(((int(state[1]) << 32) | int(state[0])) & ((1 << 63) - 1))
+
+    tasks = {"counter-v2": lambda i, j: gen.seed(i, 1, j), "old seed": old_seed,
+             "normal_": lambda i, j: buf.normal_(generator=old)}
+    out = {}
+    for name, fn in tasks.items():
+        best = float("inf")
+        for _ in range(3):
+            t0 = clock()
+            for k in range(batches):
+                fn(k % 7, k)
+            best = min(best, (clock() - t0) / batches * 1e6)
+        out[name] = best
+    return out
 
 
 def engine_overhead_s(x, images, n0, n, batch, clock=time.perf_counter) -> float:
@@ -186,6 +218,7 @@ def main() -> None:
     results = {s: {m: [] for m in METHODS} for s in settings}
     ratios = {s: {"engine/bare": [], "engine/cohen": [], "cohen/bare": []} for s in settings}
     overheads = {s: [] for s in settings}
+    seeding = []
     desc = ""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for _ in range(args.pairs):
@@ -196,12 +229,14 @@ def main() -> None:
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
             desc = out["desc"]
             overheads[s].append(out["overhead"])
+            seeding.append(out["seeding"])
             for m in METHODS:
                 results[s][m] += out["rates"][m]
             for a, b in (("engine", "bare"), ("engine", "cohen"), ("cohen", "bare")):
                 ratios[s][f"{a}/{b}"] += [x / y for x, y in zip(out["rates"][a], out["rates"][b])]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{args.threads}, device {args.device}, {args.clock} clock; {desc}; {args.images} images x (n0 {args.n0} + n {args.n}), "
+          f"{args.threads}, device {args.device}, {args.clock} clock; {desc}; "
+          f"{args.images} images x (n0 {args.n0} + n {args.n}), "
           f"batch {args.batch}; {args.pairs} x {args.rounds} interleaved rounds per setting")
     print("| malloc tuning | bare draws/s | engine draws/s | cohen draws/s | engine/bare | engine/cohen | cohen/bare "
           "| engine overhead / forward |")
@@ -212,6 +247,10 @@ def main() -> None:
         print(f"| {s} | {med(r['bare']):,.0f} | {med(r['engine']):,.0f} | {med(r['cohen']):,.0f} | "
               f"{med(q['engine/bare']):.3f} | {med(q['engine/cohen']):.3f} | {med(q['cohen/bare']):.3f} | "
               f"{100 * med(overheads[s]):.2f}% |")
+    us = {k: med(d[k] for d in seeding) for k in seeding[0]}
+    print(f"per noise batch of 100 draws: setting its generator state {us['counter-v2']:.1f} us (noise scheme "
+          f"counter-v2) vs {us['old seed']:.1f} us (the earlier SeedSequence seed + manual_seed); drawing its noise "
+          f"{us['normal_']:.1f} us")
     if len(settings) == 2:
         on, off = results["on"]["engine"], results["off"]["engine"]
         print(f"engine with / without malloc tuning: {med(on) / med(off):.2f}x (medians)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from cpcluster.errors import InputError
 from cpcluster.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
+from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
 
 
 def check_label_policy(text) -> str:
@@ -39,6 +40,7 @@ class AggregateOptions:
     allow_partial: bool = False
     format: str = "md"
     plot: bool = True
+    cost_radius: float | None = None  # radius of the cost plot; None: the middle entry of radii
 
     def __post_init__(self):
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
@@ -53,8 +55,15 @@ class AggregateOptions:
         if len(set(self.radii)) != len(self.radii) or list(self.radii) != sorted(self.radii):
             raise InputError(f"--radii {','.join(f'{r:g}' for r in self.radii)}: list each radius once, "
                              "in increasing order")
+        if self.cost_radius is not None and not 0.0 <= float(self.cost_radius) < float("inf"):
+            raise InputError(f"--cost-radius {self.cost_radius}: give a finite radius >= 0, e.g. --cost-radius 0.5")
         if self.format not in AGGREGATE_FORMATS:
             raise InputError(f"--format {self.format!r}: use one of {', '.join(AGGREGATE_FORMATS)}")
+
+    @property
+    def radius_for_cost(self) -> float:
+        """The radius of the cost plot: ``cost_radius``, or the middle of ``radii``."""
+        return float(self.cost_radius) if self.cost_radius is not None else self.radii[len(self.radii) // 2]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -103,6 +112,7 @@ class CertifyConfig:
     steps: int | None = None
     purifier_label: str = "random"
     mode: str = "certify"
+    early_stop: float | None = None  # max alpha: skip estimation that cannot change the table (aggregate/skipping.py)
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None  # torch threads per shard process (None: torch's default)
@@ -134,6 +144,9 @@ class CertifyConfig:
                                  ("num_shards", "--shards", 10**6), ("skip", "--skip", 2**40)):
             if getattr(self, name) > most:
                 raise InputError(f"{flag} {getattr(self, name)}: must be at most {most}")
+        if max(self.n, self.n0) > MAX_NOISE_BATCHES * self.draw_batch:
+            raise InputError(f"--n {self.n}: at most {MAX_NOISE_BATCHES} noise batches per stream; use --draw-batch "
+                             f"{-(-max(self.n, self.n0) // MAX_NOISE_BATCHES)} or more")
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
@@ -155,6 +168,14 @@ class CertifyConfig:
             if getattr(self, name) not in allowed:
                 flag = "--time" if name == "time_rule" else f"--{name}"
                 raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.early_stop is not None:
+            if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, (int, float)) or \
+                    not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
+                raise InputError(f"--early-stop {self.early_stop}: give the largest alpha you will aggregate at, "
+                                 "in (0, 0.5), e.g. --early-stop 0.01")
+            if self.mode != "certify":
+                raise InputError("--early-stop needs --mode certify (it decides from the selection draws)")
+            object.__setattr__(self, "early_stop", float(self.early_stop))
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:

@@ -1,8 +1,8 @@
 """The Monte Carlo counting engine: seeded noise -> purify -> classify -> per-unit class counts, on one device.
 
 For each unit ``[image, stream, block, n_draws]`` (see :mod:`cpcluster.sharding.plan`) the engine draws the unit's
-noise batches on the device, each from a generator seeded with
-:func:`cpcluster.sharding.seeds.batch_seed` ``(seed, image, stream, j)``, adds them to the clean image, runs the
+noise batches on the device, each from a generator in the state of batch ``(seed, image, stream, j)``
+(:mod:`cpcluster.noise`, :mod:`cpcluster.sharding.seeds`), adds them to the clean image, runs the
 base classifier ``f(x + delta) = clf(D(x + delta))`` and counts ``argmax`` labels with ``torch.bincount`` on the
 device. Only finished units' counts (C int64 values each) go to the host, through ``on_unit``.
 
@@ -27,19 +27,10 @@ import numpy as np
 import torch
 
 from cpcluster.errors import InputError
-from cpcluster.sharding.seeds import batch_seed, unit_batches
+from cpcluster.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
+from cpcluster.sharding.seeds import unit_batches
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def draw_noise(seed: int, image: int, stream: int, j: int, size: int, shape: Sequence[int],
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise of noise batch ``j`` of (``image``, ``stream``): (size, *shape) float32 on ``device``.
-
-    The engine draws exactly this (into a slice of its buffer); multiply by sigma for pixel-space noise.
-    """
-    gen = torch.Generator(device=device).manual_seed(batch_seed(seed, image, stream, j))
-    return torch.empty((size, *shape), dtype=torch.float32, device=device).normal_(generator=gen)
 
 
 def needs_generator(model: Callable, probe: torch.Tensor) -> bool:
@@ -110,7 +101,8 @@ class CountingEngine:
         if per_batch_generator is None:
             per_batch_generator = needs_generator(model, self.images[:1])
         self.per_batch_generator = per_batch_generator
-        self._gen = torch.Generator(device=self.device)
+        self._batch_gen = BatchGenerator(self.seed, self.device)
+        self._gen = self._batch_gen.generator
         self._buf = torch.empty((self.batch, *self.images.shape[1:]), dtype=torch.float32, device=self.device)
         self._layouts: dict[tuple, torch.Tensor] = {}
 
@@ -151,7 +143,7 @@ class CountingEngine:
 
     def _noise_into(self, seg: torch.Tensor, image: int, stream: int, j: int) -> None:
         """``seg`` (size, C, H, W) <- x_image + sigma * noise of batch j, in place (pixel space, not clamped)."""
-        self._gen.manual_seed(batch_seed(self.seed, image, stream, j))
+        self._batch_gen.seed(image, stream, j)
         seg.normal_(generator=self._gen).mul_(self.sigma).add_(self.images[self.row[image]])
 
     def _forward(self, group: list[tuple], call: "_Callbacks") -> None:

@@ -2,7 +2,9 @@
 
 Layout: ``MAGIC``, the header length (``<Q``), the header (UTF-8 JSON: ``config_hash``, ``num_classes``,
 ``config``, ``shard``, ``image_index``, ``labels``) and its CRC32 (``<I``); then one record per unit:
-``4 + C`` little-endian int64 (``image, stream, block, n_draws, counts...``) and the CRC32 of those bytes.
+``4 + C`` little-endian int64 (``image, stream, block, n_draws, counts...``), the device-seconds spent on the unit
+(float64, NaN when unknown) and the CRC32 of those bytes. Version 1 journals (``MAGIC_V1``, records without
+seconds, before cost accounting) are read, never appended to.
 
 A journal is created whole (temporary name + rename), so its header is intact or absent. Records are appended and
 fsynced one at a time, so only the last record can be torn by a crash: :func:`read_journal` stops at the first
@@ -19,7 +21,7 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,7 +29,9 @@ from cpcluster.errors import InputError
 from cpcluster.fileio import filesystem, is_local_fs, parse_json, read_regular
 
 JOURNAL_SUFFIX = ".journal"
-MAGIC = b"CPCJOURNAL1\n"
+MAGIC = b"CPCJOURNAL2\n"
+MAGIC_V1 = b"CPCJOURNAL1\n"
+JOURNAL_VERSION = 2
 MAX_CLASSES = 1_000_000  # widest counts row a journal or shard may have
 MAX_DRAWS = 10**12  # most draws one unit may hold (keeps every sum of counts far inside int64)
 
@@ -42,8 +46,8 @@ def journal_path(url: str, scratch_dir: str | None) -> str:
     return os.path.join(scratch, hashlib.sha1(url.encode()).hexdigest()[:20] + JOURNAL_SUFFIX)
 
 
-def record_struct(num_classes: int) -> struct.Struct:
-    return struct.Struct(f"<{4 + num_classes}qI")
+def record_struct(num_classes: int, version: int = JOURNAL_VERSION) -> struct.Struct:
+    return struct.Struct(f"<{4 + num_classes}q{'d' if version >= 2 else ''}I")
 
 
 def encode_header(header: dict) -> bytes:
@@ -54,8 +58,8 @@ def encode_header(header: dict) -> bytes:
     return MAGIC + struct.pack("<Q", len(raw)) + raw + struct.pack("<I", zlib.crc32(raw))
 
 
-def encode_record(unit, counts) -> bytes:
-    body = struct.pack(f"<{4 + len(counts)}q", *(int(v) for v in unit), *(int(c) for c in counts))
+def encode_record(unit, counts, seconds: float = float("nan")) -> bytes:
+    body = struct.pack(f"<{4 + len(counts)}qd", *(int(v) for v in unit), *(int(c) for c in counts), float(seconds))
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -67,6 +71,8 @@ class JournalState:
     units: np.ndarray  # (U, 4) int64
     counts: np.ndarray  # (U, C) int64
     valid_bytes: int  # file offset just after the last intact record
+    seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (U,) device-seconds, NaN where unknown
+    version: int = JOURNAL_VERSION
 
 
 def _int_list(value) -> bool:
@@ -129,7 +135,8 @@ def read_journal(path: str) -> JournalState | None:
         if not os.path.lexists(path):
             return None
         raise
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 12:
+    version = 2 if data.startswith(MAGIC) else 1 if data.startswith(MAGIC_V1) else 0
+    if not version or len(data) < len(MAGIC) + 12:
         return None
     off = len(MAGIC)
     (hlen,) = struct.unpack_from("<Q", data, off)
@@ -143,16 +150,18 @@ def read_journal(path: str) -> JournalState | None:
     header = _check_header(path, parse_json(raw, f"{path}: shard journal header", kind=None))
     off += hlen + 4
     width = 4 + header["num_classes"]
-    rec = record_struct(header["num_classes"])
-    rows = []
+    rec = record_struct(header["num_classes"], version)
+    rows, seconds = [], []
     while off + rec.size <= len(data):
         if zlib.crc32(data[off: off + rec.size - 4]) != struct.unpack_from("<I", data, off + rec.size - 4)[0]:
             break
         rows.append(np.frombuffer(data, dtype="<i8", count=width, offset=off))
+        seconds.append(struct.unpack_from("<d", data, off + 8 * width)[0] if version >= 2 else float("nan"))
         off += rec.size
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, width)
     units, counts = arr[:, :4].copy(), arr[:, 4:].copy()
     problem = check_units(units, counts, header["image_index"])
     if problem:
         raise InputError(f"{path}: damaged shard journal ({problem}); delete it to restart that shard from scratch")
-    return JournalState(header=header, units=units, counts=counts, valid_bytes=off)
+    return JournalState(header=header, units=units, counts=counts, valid_bytes=off,
+                        seconds=np.asarray(seconds, dtype=np.float64), version=version)

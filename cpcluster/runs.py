@@ -22,41 +22,14 @@ import numpy as np
 from cpcluster import __version__
 from cpcluster.config import CertifyConfig
 from cpcluster.errors import InputError
-from cpcluster.sharding.plan import Plan, make_plan
 from cpcluster.fileio import filesystem, read_json
+from cpcluster.sharding.plan import Plan, plan_from_config, select_images  # noqa: F401 (select_images: re-export)
+from cpcluster.sharding.seeds import NOISE_SCHEME
 from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, read_shard,
                               shard_name, unplanned_units, write_bytes_atomic)
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.jsonl"
-
-
-def select_images(size: int, skip: int = 1, max_images: int | None = None, indices=None) -> np.ndarray:
-    """Dataset indices to evaluate: ``indices`` (default ``0..size-1``), every ``skip``-th, the first ``max_images``.
-
-    ``skip`` has Cohen's meaning (images 0, K, 2K, ...). Raises :class:`InputError` for an index outside the data.
-    """
-    base = np.arange(size, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-    if len(base) and (base.min() < 0 or base.max() >= size):
-        bad = int(base[(base < 0) | (base >= size)][0])
-        raise InputError(f"--indices: image {bad} is outside the dataset's 0..{size - 1}")
-    chosen = base[::skip]
-    if max_images is not None:
-        chosen = chosen[:max_images]
-    if not len(chosen):
-        raise InputError("no images selected: check --indices, --skip and --max-images")
-    return chosen
-
-
-MAX_UNITS = 2**26  # work units of one run (its plan holds 32 bytes per unit)
-
-
-def check_plan_size(num_images: int, config: CertifyConfig) -> None:
-    """InputError when the run would have more than :data:`MAX_UNITS` work units (checked before planning)."""
-    per_image = -(-config.n // config.block_size) + (config.mode == "certify")
-    if num_images * per_image > MAX_UNITS:
-        raise InputError(f"--n {config.n} in blocks of --block-size {config.block_size} over {num_images} images is "
-                         f"{num_images * per_image:,} work units, more than {MAX_UNITS:,}; use a larger --block-size")
 
 
 @dataclass
@@ -116,8 +89,15 @@ def shard_config(config: CertifyConfig, models: Models, purifier) -> dict:
         "denoiser": models.denoiser.describe() if models.denoiser is not None else None,
         "classifier": models.classifier.describe(),
         "dtype": config.dtype,
+        **({"early_stop": early_stop_config(config.early_stop)} if config.early_stop is not None else {}),
+        "noise": NOISE_SCHEME,
         "code_version": __version__,
     }
+
+
+def early_stop_config(max_alpha: float) -> dict:
+    """The shard config's ``early_stop`` entry: the largest alpha the skips hold for, the rules, the plan layout."""
+    return {"max_alpha": float(max_alpha), "rules": ["wrong-class", "abstain-certain"], "layout": "interleaved"}
 
 
 @dataclass(frozen=True)
@@ -147,10 +127,9 @@ def resolve(config: CertifyConfig, models: Models, purifier=None) -> ResolvedRun
     """Resolve ``config`` against loaded ``models`` (InputError for more shards than units, bad indices...)."""
     purifier = purifier if purifier is not None else build_purifier(config, models)
     cfg = shard_config(config, models, purifier)
-    ids = select_images(len(models.dataset), config.skip, config.max_images, config.indices)
-    check_plan_size(len(ids), config)
+    plan = plan_from_config(cfg, config.num_shards)
+    ids = plan.images
     labels = np.asarray(models.dataset.labels, dtype=np.int64)[ids]
-    plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
     return ResolvedRun(config, cfg, config_hash(cfg), ids, labels, plan)
 
 
@@ -294,7 +273,8 @@ class ShardMismatch(InputError):
 def verified_shard(url: str, config_hash: str, planned: np.ndarray, shard=None):
     """The :class:`~cpcluster.shards.ShardData` of ``url`` if it is a finished shard of the run: readable and
     undamaged (:func:`cpcluster.shards.read_shard`), of config hash ``config_hash``, marked complete and holding
-    exactly the units ``planned`` ((u, 4) rows of its shard in the run's plan).
+    exactly the units ``planned`` ((u, 4) rows of its shard in the run's plan), counted or (early stopping)
+    recorded as skipped.
 
     Raises :class:`ShardMismatch` for a file of another configuration, :class:`InputError` for any other problem.
     ``shard``: the file's :class:`~cpcluster.shards.ShardData` when it was read already.
@@ -304,8 +284,9 @@ def verified_shard(url: str, config_hash: str, planned: np.ndarray, shard=None):
         raise ShardMismatch(f"{url}: shard file of another run configuration")
     if not shard.complete:
         raise InputError(f"{url}: shard file marked incomplete")
-    if len(shard.units) != len(planned) or len(unplanned_units(shard.units, planned)):
-        raise InputError(f"{url}: its units are not those its shard plans ({len(shard.units)} units, "
+    present = np.concatenate([shard.units, shard.skipped[:, :4]]) if len(shard.skipped) else shard.units
+    if len(present) != len(planned) or len(unplanned_units(present, planned)):
+        raise InputError(f"{url}: its units are not those its shard plans ({len(present)} units, "
                          f"{len(planned)} planned)")
     return shard
 

@@ -27,7 +27,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import h5py
@@ -37,8 +37,9 @@ from fsspec.implementations.local import LocalFileSystem
 from cpcluster.errors import InputError
 from cpcluster.fileio import check_regular, filesystem, parse_json, read_regular
 from cpcluster.fileio import write_bytes_atomic  # noqa: F401  (used from here by many modules)
-from cpcluster.journal import MAX_CLASSES, check_units, encode_header, encode_record
+from cpcluster.journal import JOURNAL_VERSION, MAX_CLASSES, check_units, encode_header, encode_record
 from cpcluster.journal import journal_path as _journal_path
+from cpcluster.shard_extras import EXTRAS, check_seconds, check_skipped, empty_skipped, write_extras
 # The journal lived in this module; its readers import these from here.
 from cpcluster.journal import JOURNAL_SUFFIX, JournalState, read_journal  # noqa: F401
 
@@ -105,17 +106,19 @@ class ShardWriter:
         self.journal_path = _journal_path(url, scratch_dir)
         os.makedirs(os.path.dirname(os.path.abspath(self.journal_path)), exist_ok=True)
         state = read_journal(self.journal_path)
-        if state is not None and state.header.get("config_hash") != self.config_hash:
-            raise InputError(f"{self.journal_path}: unfinished shard of a different run configuration; "
-                             "delete it or use another output directory")
+        if state is not None and (state.header.get("config_hash") != self.config_hash
+                                  or state.version != JOURNAL_VERSION):
+            raise InputError(f"{self.journal_path}: unfinished shard of a different run configuration (or of an "
+                             "older cpcluster); delete it or use another output directory")
         if state is None:
             self._create()
-            self._units, self._counts = [], []
+            self._units, self._counts, self._seconds = [], [], []
         else:
             with open(self.journal_path, "r+b") as fh:  # cut a torn tail record
                 fh.truncate(state.valid_bytes)
             self._units = [tuple(int(v) for v in row) for row in state.units]
             self._counts = [row.copy() for row in state.counts]
+            self._seconds = state.seconds.tolist()
         self._done = {u[:3]: u[3] for u in self._units}
         self._images = set(self.image_index.tolist())
         self._fh = open(self.journal_path, "ab")
@@ -137,8 +140,9 @@ class ShardWriter:
         """``{(image, stream, block): n_draws}`` of every unit already recorded."""
         return dict(self._done)
 
-    def append(self, unit: Sequence[int], counts: np.ndarray) -> None:
-        """Record one unit ``(image, stream, block, n_draws)`` with its (C,) class counts; durable on return."""
+    def append(self, unit: Sequence[int], counts: np.ndarray, seconds: float = float("nan")) -> None:
+        """Record one unit ``(image, stream, block, n_draws)`` with its (C,) class counts and the device-seconds
+        spent on it (NaN: unknown); durable on return."""
         image, stream, block, n_draws = (int(v) for v in unit)
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if counts.shape != (self.num_classes,):
@@ -150,24 +154,35 @@ class ShardWriter:
         if image not in self._images:
             raise ValueError(f"unit {(image, stream, block)}: image {image} is not one of this shard's images")
         with _write_errors(self.journal_path):
-            self._fh.write(encode_record((image, stream, block, n_draws), counts.tolist()))
+            self._fh.write(encode_record((image, stream, block, n_draws), counts.tolist(), seconds))
             self._fh.flush()
             os.fsync(self._fh.fileno())
         self._units.append((image, stream, block, n_draws))
         self._counts.append(counts)
+        self._seconds.append(float(seconds))
         self._done[(image, stream, block)] = n_draws
 
-    def finish(self, shard_info_update: dict | None = None) -> str:
+    @property
+    def recorded(self) -> tuple:
+        """``(units (U, 4), counts (U, C))`` int64 of every unit recorded so far, in the order recorded."""
+        return (np.asarray(self._units, dtype=np.int64).reshape(-1, 4),
+                np.asarray(self._counts, dtype=np.int64).reshape(-1, self.num_classes))
+
+    def finish(self, shard_info_update: dict | None = None, skipped=None) -> str:
         """Write the complete HDF5 shard atomically (temp name + rename), read it back and check it against what
-        was written (its ``data_sha256``), then remove the journal; return its URL.
+        was written (its ``data_sha256``), then remove the journal; return its URL. ``skipped``: (S, 5) planned
+        units not counted and why (:mod:`cpcluster.shard_extras`), or None.
 
         A write that fails (a full disk) is an :class:`InputError` naming the file and the cause; the journal is
         kept, so rerunning the shard finishes it without recounting.
         """
         info = {**self.shard_info, **(shard_info_update or {})}
-        units = np.asarray(self._units, dtype=np.int64).reshape(-1, 4)
-        counts = np.asarray(self._counts, dtype=np.int64).reshape(-1, self.num_classes)
-        payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True)
+        units, counts = self.recorded
+        seconds = np.asarray(self._seconds, dtype=np.float64)
+        if not np.isnan(seconds).all():
+            info["device_seconds"] = float(np.nansum(seconds))
+        payload = encode_shard(self.config, info, units, counts, self.image_index, self.labels, complete=True,
+                               skipped=skipped, seconds=seconds)
         with _write_errors(self.url):
             write_bytes_atomic(self.url, payload)
         written = read_shard(self.url)
@@ -204,8 +219,10 @@ def _write_errors(url: str):
 
 
 def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.ndarray,
-                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool) -> bytes:
-    """The bytes of an HDF5 shard file in the format of the module docstring."""
+                 image_index: np.ndarray, labels: np.ndarray, *, complete: bool, skipped=None,
+                 seconds=None) -> bytes:
+    """The bytes of an HDF5 shard file in the format of the module docstring (``skipped``, ``seconds``: see
+    :mod:`cpcluster.shard_extras`)."""
     units = np.asarray(units, dtype=np.int64).reshape(-1, 4)
     arrays = {"units": units, "counts": np.asarray(counts, dtype=np.int64).reshape(len(units), -1),
               "image_index": np.asarray(image_index, dtype=np.int64).reshape(-1),
@@ -219,6 +236,7 @@ def encode_shard(config: dict, shard_info: dict, units: np.ndarray, counts: np.n
         f.attrs["shard"] = json.dumps(shard_info, sort_keys=True)
         f.attrs["complete"] = bool(complete)
         f.attrs[CHECKSUM_ATTR] = data_checksum(*(arrays[name] for name in _DATASETS))
+        write_extras(f, skipped, seconds)
     return bio.getvalue()
 
 
@@ -236,6 +254,8 @@ class ShardData:
     counts: np.ndarray  # (U, C) int64
     image_index: np.ndarray  # (M,) int64
     labels: np.ndarray  # (M,) int64
+    skipped: np.ndarray = field(default_factory=empty_skipped)  # (S, 5) int64, see cpcluster.shard_extras
+    seconds: np.ndarray | None = None  # (U,) float64 device-seconds per unit (NaN unknown); None: not recorded
 
 
 _DATASETS = ("units", "counts", "image_index", "labels")
@@ -258,12 +278,14 @@ def data_checksum(units, counts, image_index, labels) -> str:
 
 
 def _read_datasets(url: str, f, file_size: int) -> dict:
-    """The four datasets, each checked for type and plausible size *before* it is read (no huge allocation)."""
+    """The four datasets and the optional ones (``skipped``, ``unit_seconds``), each checked for type and plausible
+    size *before* it is read (no huge allocation)."""
     arrays = {}
-    for k in _DATASETS:
+    for k in (*_DATASETS, *(name for name in EXTRAS if name in f)):
         d = f[k]
-        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu" or d.ndim not in (1, 2):
-            raise InputError(f"{url}: '{k}' must be a 1-D or 2-D integer dataset")
+        kinds = "f" if k == "unit_seconds" else "iu"
+        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in kinds or d.ndim not in (1, 2):
+            raise InputError(f"{url}: '{k}' must be a 1-D or 2-D {'float' if kinds == 'f' else 'integer'} dataset")
         stored = d.id.get_storage_size()
         if d.size * d.dtype.itemsize > max(file_size, stored) + 2**16:
             raise InputError(f"{url}: dataset '{k}' claims shape {d.shape}, more than the file holds; the file is "
@@ -315,7 +337,7 @@ def planned_images(config: dict) -> np.ndarray | None:
 
     Raises :class:`InputError` (unnamed; callers add the file) when the subset does not fit the dataset size.
     """
-    from cpcluster.runs import select_images
+    from cpcluster.sharding.plan import select_images
 
     dataset, subset = config.get("dataset"), config.get("subset")
     if not isinstance(dataset, dict) or not isinstance(subset, dict):
@@ -369,9 +391,10 @@ def _check(url: str, a: dict, attrs: dict) -> ShardData:
         outside = int(image_index[~np.isin(image_index, planned)][0])
         bad(f"lists image {outside}, which its run does not evaluate (dataset size, skip, max_images and indices "
             "in its config); the file does not belong to that run")
+    skipped = check_skipped(url, a.get("skipped"), units, image_index)
     return ShardData(path=url, config=config, config_hash=_text(attrs["config_hash"]), shard=shard,
                      complete=bool(attrs["complete"]), units=units, counts=counts, image_index=image_index,
-                     labels=labels)
+                     labels=labels, skipped=skipped, seconds=check_seconds(url, a.get("unit_seconds"), len(units)))
 
 
 def unplanned_units(units: np.ndarray, planned: np.ndarray) -> np.ndarray:

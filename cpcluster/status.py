@@ -126,8 +126,8 @@ def load_run(run_dir: str):
     the record's unit and draw totals.
     """
     from cpcluster.config import CertifyConfig
-    from cpcluster.runs import RUN_FILE, check_plan_size, read_run, select_images
-    from cpcluster.sharding.plan import make_plan
+    from cpcluster.runs import RUN_FILE, read_run
+    from cpcluster.sharding.plan import plan_from_config
 
     record = read_run(run_dir)
     if record is None:
@@ -135,12 +135,9 @@ def load_run(run_dir: str):
                          "`cpcluster certify` printed)")
     try:
         config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
-        size = int(record["shard_config"]["dataset"]["size"])
-        ids = select_images(size, config.skip, config.max_images, config.indices)
-        check_plan_size(len(ids), config)
         if not isinstance(record.get("config_hash"), str):
             raise TypeError("config_hash is not a string")
-        plan = make_plan(ids, config.n0, config.n, config.block_size, config.num_shards, config.mode)
+        plan = plan_from_config(record["shard_config"], config.num_shards)
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise InputError(f"{run_dir}/{RUN_FILE} cannot be read as a certify run ({type(e).__name__}: {e}); rerun "
                          "`cpcluster certify` with --overwrite") from None
@@ -203,8 +200,10 @@ def _read_complete(url: str, config_hash: str, planned: np.ndarray) -> ShardFile
     except InputError as e:
         return bad(e, "")
     rate = shard.shard.get("draws_per_s")
-    return ShardFiles("complete", len(shard.units), int(shard.units[:, 3].sum()),
-                      float(rate) if isinstance(rate, (int, float)) and rate > 0 else None)
+    saved = int(shard.skipped[:, 3].sum())  # early stopping: planned, decided, not counted
+    return ShardFiles("complete", len(shard.units) + len(shard.skipped), int(shard.units[:, 3].sum()) + saved,
+                      float(rate) if isinstance(rate, (int, float)) and rate > 0 else None,
+                      detail=f"{saved:,} draws skipped by early stopping" if saved else "")
 
 
 def shard_files(run_dir: str, index: int, total: int, config_hash: str, planned: np.ndarray,
@@ -279,7 +278,7 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
     from cpcluster.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
 
     if files.kind == "complete":
-        return "complete", ""
+        return "complete", files.detail
     if files.kind == "bad":
         return "failed", files.detail
     jid = record.get("job_id") if record else None

@@ -125,7 +125,8 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     start = time.time()
     info = {"index": index, "total": total, "unit_range": list(run.plan.ranges[index]), "host": socket.gethostname(),
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
-            "torch": torch.__version__, "start_time": start}
+            "torch": torch.__version__, "numpy": np.__version__, "start_time": start,
+            "cost": cost_info(device, purifier)}
     with _shard_lock(_journal_path(url, None)) as lock:
         if _finished(run, url, index, repair=True):  # another process finished it while we waited to start
             return url
@@ -133,6 +134,7 @@ def run_shard(run, models, purifier, index: int, device) -> str:
         first = read_journal(_journal_path(url, None))
         if first is not None and first.header.get("shard", {}).get("rng_device") not in (None, device.type):
             info["rng_device"] = "mixed"  # valid, but the noise of this shard is not bit-reproducible
+            info["cost"]["device_type"] = "mixed"  # its unit seconds come from two kinds of device
         writer = ShardWriter(url, config=run.shard_config, shard_info=info, image_index=images, labels=labels,
                              num_classes=run.shard_config["num_classes"])
         try:
@@ -143,18 +145,44 @@ def run_shard(run, models, purifier, index: int, device) -> str:
                 raise InputError(f"{writer.journal_path}: holds units outside this shard's plan; delete it")
             todo = np.asarray([u for u in units if tuple(int(v) for v in u[:3]) not in done],
                               dtype=np.int64).reshape(-1, 4)
-            log.info("shard %d/%d on %s: %d units (%d draws) to do, %d already recorded", index, total, device,
-                     len(todo), int(todo[:, 3].sum()), len(done))
-            if len(todo):
-                stats = _count(run, models, purifier, images, todo, device, writer, index)
-                info_end = {"draws_per_s": round(stats.draws_per_s, 3), "seconds": round(stats.seconds, 3)}
-            else:
-                info_end = {}
-            result = writer.finish({"end_time": time.time(), "resumed_units": len(done), **info_end})
+            log.info("shard %d/%d on %s: %d units (%d draws) planned to do, %d already recorded", index, total,
+                     device, len(todo), int(todo[:, 3].sum()), len(done))
+            counter = _Counter(run, models, purifier, images, device, writer, index)
+            skipped = None
+            if run.config.early_stop is not None:
+                from cpcluster.jobs.early_stop import count_in_rounds
+
+                skipped = count_in_rounds(counter, units, dict(zip(images.tolist(), labels)), writer,
+                                          run.config.n, run.config.early_stop)
+            elif len(todo):
+                counter.count(todo)
+            info_end = counter.summary()
+            result = writer.finish({"end_time": time.time(), "resumed_units": len(done), **info_end}, skipped)
         finally:
             writer.close()
     log.info("shard %d/%d complete: %s", index, total, result)
     return result
+
+
+def cost_info(device, purifier) -> dict:
+    """The shard attribute's ``cost`` entry: what one device-second buys (device type and name, torch threads on a
+    CPU) and the network evaluations per draw (purifier NFE + one classifier forward)."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"device_type": device.type, "device_name": name, "devices": 1,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "nfe_per_draw": {"purifier": int(purifier.nfe), "classifier": 1}}
 
 
 def _finished(run, url: str, index: int, repair: bool) -> bool:
@@ -202,38 +230,71 @@ def _remove_temporaries(url: str) -> None:
             fs.rm(stale)
 
 
-def _count(run, models, purifier, images, todo, device, writer, index):
-    import torch
+class _Counter:
+    """Counts units of one shard with one engine (built on first use), recording each unit in the shard's journal
+    with the device-seconds since the previous unit completed (its cost; the units of a forward share it).
 
-    from cpcluster.engine import CountingEngine
-    from cpcluster.models.purifiers import SmoothedBase
+    ``count(units)`` may be called several times (early stopping counts in rounds); SIGTERM stops it right after
+    the unit in progress is recorded, with :class:`ShardTerminated`.
+    """
 
-    x, _ = models.dataset.get(images)
-    model = SmoothedBase(purifier, models.classifier).to(device).eval()
-    cfg = run.config
-    engine = CountingEngine(model, torch.from_numpy(x).to(device), images, sigma=cfg.sigma, seed=cfg.seed,
-                            block_size=cfg.block_size, draw_batch=cfg.draw_batch, batch=cfg.batch,
-                            num_classes=run.shard_config["num_classes"], dtype=cfg.dtype)
-    planned = int(todo[:, 3].sum())
-    last = [time.perf_counter()]
+    def __init__(self, run, models, purifier, images, device, writer, index: int):
+        self.run, self.models, self.purifier, self.images = run, models, purifier, images
+        self.device, self.writer, self.index = device, writer, index
+        self.engine, self.draws, self.seconds, self.forwards = None, 0, 0.0, 0
+        self._last_log = self._last_unit = time.perf_counter()
 
-    def progress(stats):
-        if time.perf_counter() - last[0] >= LOG_EVERY_S:
-            last[0] = time.perf_counter()
-            eta = (planned - stats.draws) / stats.draws_per_s if stats.draws_per_s else float("nan")
-            log.info("shard %d: %d/%d draws, %.0f draws/s, ETA %.0f s", index, stats.draws, planned,
-                     stats.draws_per_s, eta)
+    def _build(self):
+        import torch
 
-    with stop_on_sigterm("after the unit in progress is recorded") as terminated:
-        def record(unit, counts):
-            writer.append(unit, counts)
-            if terminated():
-                raise ShardTerminated(f"shard {index}: stopped by SIGTERM after {len(writer.done)} recorded units; "
-                                      "rerun it (cpcluster resubmit RUN_DIR) to continue from its journal")
+        from cpcluster.engine import CountingEngine
+        from cpcluster.models.purifiers import SmoothedBase
 
-        stats = engine.run(todo, on_unit=record, on_progress=progress)
-    log.info("shard %d: %d draws in %.1f s, %.0f draws/s", index, stats.draws, stats.seconds, stats.draws_per_s)
-    return stats
+        x, _ = self.models.dataset.get(self.images)
+        model = SmoothedBase(self.purifier, self.models.classifier).to(self.device).eval()
+        cfg = self.run.config
+        return CountingEngine(model, torch.from_numpy(x).to(self.device), self.images, sigma=cfg.sigma,
+                              seed=cfg.seed, block_size=cfg.block_size, draw_batch=cfg.draw_batch, batch=cfg.batch,
+                              num_classes=self.run.shard_config["num_classes"], dtype=cfg.dtype)
+
+    def count(self, units) -> None:
+        """Count ``units`` (u, 4) and record each in the journal as it completes."""
+        if self.engine is None:
+            self.engine = self._build()
+        planned = int(units[:, 3].sum())
+
+        def progress(stats):
+            if time.perf_counter() - self._last_log >= LOG_EVERY_S:
+                self._last_log = time.perf_counter()
+                eta = (planned - stats.draws) / stats.draws_per_s if stats.draws_per_s else float("nan")
+                log.info("shard %d: %d/%d draws of this round, %.0f draws/s, ETA %.0f s", self.index, stats.draws,
+                         planned, stats.draws_per_s, eta)
+
+        self._last_unit = time.perf_counter()
+        with stop_on_sigterm("after the unit in progress is recorded") as terminated:
+            def record(unit, counts):
+                now = time.perf_counter()  # device time since the previous unit's completion: this unit's cost
+                self.writer.append(unit, counts, seconds=now - self._last_unit)
+                self._last_unit = now
+                if terminated():
+                    raise ShardTerminated(f"shard {self.index}: stopped by SIGTERM after {len(self.writer.done)} "
+                                          "recorded units; rerun it (cpcluster resubmit RUN_DIR) to continue from "
+                                          "its journal")
+
+            stats = self.engine.run(units, on_unit=record, on_progress=progress)
+        self.draws += stats.draws
+        self.seconds += stats.seconds
+        self.forwards += stats.forwards
+        log.info("shard %d: %d draws in %.1f s, %.0f draws/s", self.index, stats.draws, stats.seconds,
+                 stats.draws_per_s)
+
+    def summary(self) -> dict:
+        """Shard-info entries of this session's counting (none when it counted nothing); ``padded_draws``: rows
+        of fixed-shape forwards that held no draw (the last forward of every engine run is padded)."""
+        if not self.draws:
+            return {}
+        return {"draws_per_s": round(self.draws / max(self.seconds, 1e-9), 3), "seconds": round(self.seconds, 3),
+                "forwards": self.forwards, "padded_draws": self.forwards * self.run.config.batch - self.draws}
 
 
 def _note_session(lock_file, draws_at_start: int) -> None:

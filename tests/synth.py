@@ -30,7 +30,8 @@ def make_config(sigma: float = 0.5, *, n0: int = 16, n: int = 64, block_size: in
            "dataset": {"id": "demo", "fingerprint": "synthetic"},
            "purifier": {"kind": purifier, "time_rule": "nearest"},
            "denoiser": None if denoiser is None or purifier == "none" else {"spec": denoiser, "sha256": "0" * 64},
-           "classifier": {"spec": "demo-random", "sha256": "1" * 64}, "dtype": "float32", "code_version": "test"}
+           "classifier": {"spec": "demo-random", "sha256": "1" * 64}, "dtype": "float32", "noise": "counter-v2",
+           "code_version": "test"}
     cfg.update(extra)
     return cfg
 

@@ -135,13 +135,102 @@ def test_groups_envelope_and_method_names(tmp_path):
     np.testing.assert_array_equal(env_c.certified_accuracy, table.max(axis=0))
     assert list(env_c.best_sigma) == [(0.25, 0.5, 1.0)[j] for j in table.argmax(axis=0)]
     assert env_n.sigmas == (0.5,)
-    lines = res.table.splitlines()
+    lines = [line for line in res.table.splitlines() if line.startswith("|")]
     assert sum("best over sigma" in line for line in lines) == 1  # only methods with 2+ sigmas get the row
     best = next(line for line in lines if "best over sigma" in line).split("|")[4:8]
     assert [float(c) for c in best] == [round(100 * v, 1) for v in env_c.certified_accuracy]
     summary = json.load(open(tmp_path / "aggregate" / "summary.json"))
     assert [b["method"] for b in summary["best_over_sigma"]] == ["consistency(demo-random)", "none"]
     assert os.path.getsize(tmp_path / "aggregate" / "certified_accuracy.png") > 1000
+    _best_row_says_what_it_is(res, tmp_path, radii)
+
+
+def _best_row_says_what_it_is(res, tmp_path, radii):
+    """The best-over-sigma row is a per-radius maximum over different classifiers: said wherever it is shown."""
+    from cpcluster.aggregate.plot import figure
+    from cpcluster.aggregate.report import table_text
+
+    said = "per-radius maximum over different smoothed classifiers"
+    assert res.table.splitlines()[-1].startswith("Note: best over sigma:") and said in res.table
+    assert said in table_text(res.results, res.envelopes, radii, "latex").splitlines()[-1]
+    csv = table_text(res.results, res.envelopes, radii, "csv").splitlines()
+    assert csv[0].endswith(",acr,note")
+    assert [line.split(",")[1] for line in csv if said in line] == ["best over sigma"]
+    summary = json.load(open(tmp_path / "aggregate" / "summary.json"))
+    assert all(said in b["note"] for b in summary["best_over_sigma"])
+    legends = [t.get_text() for ax in figure(res.results, res.envelopes, radii).axes for t in ax.get_legend().texts]
+    assert sum("per-radius max" in t and "different smoothed classifiers" in t for t in legends) == 1
+
+
+def test_one_method_across_sigmas_although_sigma_dependent_parameters_differ(tmp_path):
+    """t_sigma (and the other purifier values derived from sigma) differ per sigma: still one method, one envelope."""
+    paths = []
+    for k, (sigma, t) in enumerate([(0.25, 0.5853), (0.5, 1.0882), (1.0, 1.9233)]):
+        cfg, units, counts, labels = _run_data(sigma, 80 + k)
+        cfg["purifier"]["t_sigma"] = t
+        paths += write_split(tmp_path / f"s{k}", cfg, units, counts, labels, 2)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "s*"),), radii=(0.0, 0.5)))
+    assert {r.group.plan.method for r in res.results} == {"consistency(demo-random)"}
+    assert len({r.group.plan.method_id for r in res.results}) == 1
+    (env,) = res.envelopes
+    assert env.sigmas == (0.25, 0.5, 1.0)
+
+
+def test_runs_that_differ_in_what_defines_the_smoothed_classifier_are_separate_methods(tmp_path):
+    """Other classifier, seed or n: separate rows and envelopes, labels told apart only where they would clash."""
+    other = {"classifier": {"spec": "resnet-b", "sha256": "2" * 64}}
+    runs = [("a", 0.25, {}), ("b", 0.5, {}), ("c", 0.25, other), ("d", 0.5, other), ("e", 0.5, {"seed": 7}),
+            ("f", 0.5, {"purifier": "none"})]
+    for k, (name, sigma, extra) in enumerate(runs):
+        cfg, units, counts, labels = _run_data(sigma, 90 + k, **{k: v for k, v in extra.items() if k != "seed"})
+        cfg["seed"] = extra.get("seed", 0)
+        write_split(tmp_path / name, cfg, units, counts, labels, 1)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "?"),), radii=(0.0, 0.5)))
+    rows = [(r.group.plan.method, r.group.plan.sigma) for r in res.results]
+    base = "consistency(demo-random)"
+    a, b, c = (f"{base} [classifier={clf}, seed={seed}]" for clf, seed in
+               (("demo-random", 0), ("demo-random", 7), ("resnet-b", 0)))
+    assert rows == [(a, 0.25), (a, 0.5), (b, 0.5), (c, 0.25), (c, 0.5), ("none", 0.5)]
+    by = {(r.group.plan.method, r.group.plan.sigma): r.certified_accuracy for r in res.results}
+    envs = {e.method: e for e in res.envelopes}
+    for label in (f"{base} [classifier=demo-random, seed=0]", f"{base} [classifier=resnet-b, seed=0]"):
+        np.testing.assert_array_equal(envs[label].certified_accuracy,
+                                      np.maximum(by[(label, 0.25)], by[(label, 0.5)]))  # its own sigmas only
+    assert envs[f"{base} [classifier=demo-random, seed=7]"].sigmas == (0.5,)
+    assert len({r.group.plan.method_id for r in res.results}) == 4
+
+
+def test_shards_of_the_old_noise_scheme_never_mix_with_new_ones(tmp_path):
+    old, units, counts, labels = _run_data(0.5, 95)
+    del old["noise"]
+    write_split(tmp_path / "old", old, units, counts, labels, 1)
+    new, units, counts, labels = _run_data(0.5, 96)
+    write_split(tmp_path / "new", new, units, counts, labels, 1)
+    res = run_aggregate(AggregateOptions(paths=(str(tmp_path / "old"), str(tmp_path / "new"))))
+    assert [r.group.plan.method for r in res.results] == ["consistency(demo-random) [noise=(absent)]",
+                                                          "consistency(demo-random) [noise=counter-v2]"]
+    (w,) = res.warnings
+    assert "[noise=(absent)] sigma 0.5: made before noise scheme counter-v2" in w
+
+
+def test_method_labels_stay_distinct_and_short():
+    from cpcluster.aggregate.identity import identity, identity_hash, method_labels
+
+    long_a = make_config(0.5, dataset={"spec": "folder:/data/" + "x" * 60 + "/a"})
+    long_b = make_config(0.5, dataset={"spec": "folder:/data/" + "x" * 60 + "/b"})
+    other = make_config(0.5, n=128)
+    methods = {identity_hash(c): ("consistency(demo-random)", identity(c)) for c in (long_a, long_b, other)}
+    labels = method_labels(methods)
+    assert len(set(labels.values())) == 3
+    assert labels[identity_hash(other)] == "consistency(demo-random) [dataset=(absent), n=128]"
+    for cfg in (long_a, long_b):  # the truncated specs coincide: the identity hash tells them apart
+        assert f"#{identity_hash(cfg)[:8]}]" in labels[identity_hash(cfg)]
+        assert len(labels[identity_hash(cfg)]) < 90
+    assert method_labels({identity_hash(other): ("none", identity(other))}) == {identity_hash(other): "none"}
+    # sigma, block size and early stopping are no part of the identity; n, seed, dtype and noise are
+    assert identity_hash(make_config(0.25, block_size=64)) == identity_hash(make_config(1.0, early_stop={"a": 1}))
+    for change in ({"n": 65}, {"seed": 1}, {"dtype": "bfloat16"}, {"noise": "v2"}, {"draw_batch": 8}):
+        assert identity_hash(make_config(0.5, **change)) != identity_hash(make_config(0.5))
 
 
 def test_predict_mode_group_matches_binomtest(tmp_path):
@@ -182,6 +271,37 @@ def test_incomplete_file_units_count_as_missing(tmp_path):
     outputs, _, warnings = _outputs([a])
     assert json.loads(outputs["summary.json"])["groups"][0]["missing_shards"] == [1]
     assert any("1 shard file(s) absent (index 1)" in w for w in warnings)
+
+
+def test_images_held_only_by_an_absent_shard_file_are_named_from_the_plan(tmp_path):
+    """Shard 1 of 3 never arrived: the images it alone held come from the plan the shards' config describes."""
+    from cpcluster.sharding.plan import plan_from_config
+
+    cfg = make_config(0.5, n0=12, n=90, block_size=32, num_classes=C, dataset={"spec": "demo", "size": 50},
+                      subset={"skip": 3, "max_images": 11, "indices": None})
+    plan = plan_from_config(cfg, 3)
+    assert plan.images.tolist() == list(range(0, 33, 3))
+    probs = class_probs(50, C, seed=3)
+    counts = simulate_counts(plan.units, probs, seed=4)
+    labels = probs.argmax(1)
+    paths = [write_shard(str(tmp_path / f"shard-{k:05d}-of-00003.h5"), cfg, plan.shard_units(k),
+                         counts[slice(*plan.ranges[k])], labels, index=k, total=3) for k in (0, 2)]
+    outputs, _, warnings = _outputs(paths)
+    group = json.loads(outputs["summary.json"])["groups"][0]
+    alone = sorted(set(plan.shard_images(1).tolist()) - set(plan.shard_images(0).tolist())
+                   - set(plan.shard_images(2).tolist()))
+    shared = sorted(set(plan.shard_images(1).tolist()) - set(alone))  # split with a present shard: incomplete
+    assert alone and shared and group["missing_shards"] == [1]
+    assert group["images_missing"] == sorted(alone + shared)
+    assert group["images_evaluated"] == 11 - len(alone) - len(shared)
+    (w,) = [w for w in warnings if "absent" in w]
+    assert f"they alone held {len(alone)} image(s) (index {', '.join(map(str, alone))})" in w
+    # a config without the plan's keys: said so, nothing named
+    bare = make_config(0.5, n0=12, n=90, block_size=32, num_classes=C)
+    lone = write_shard(str(tmp_path / "b" / "shard-00000-of-00002.h5"), bare, plan.shard_units(0),
+                       counts[slice(*plan.ranges[0])], labels, index=0, total=2)
+    _, _, warnings = _outputs([lone])
+    assert any("cannot be named: the run config lacks the plan" in w for w in warnings)
 
 
 def test_memory_filesystem_inputs_and_outputs(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_formats_directory_input_and_help(tmp_path):
     files = sorted(os.listdir(tmp_path / "run" / "aggregate"))
     assert "table.tex" in files and "table.md" in files and "certified_accuracy.png" not in files
     res = _invoke([tmp_path / "run", "--format", "csv", "--out", tmp_path / "c"])
-    assert res.stdout.splitlines()[0] == "method,sigma,images,r=0,r=0.25,r=0.5,r=0.75,r=1,acr"
+    assert res.stdout.splitlines()[0] == "method,sigma,images,r=0,r=0.25,r=0.5,r=0.75,r=1,acr,note"
     help_text = _invoke(["--help"]).stdout
     assert "cpcluster aggregate results/*.h5" in help_text
 
@@ -111,9 +111,13 @@ def _refused(args, *needles, out=None):
 
 
 def test_refuses_configs_that_differ_inside_a_group(tmp_path):
+    """Same method, sigma and mode but another unit layout: the same draws counted twice, refused."""
     _, _, _, _, a = _run(tmp_path, "a", seed=1)
-    _, _, _, _, b = _run(tmp_path, "b", seed=2, num_files=1, classifier={"spec": "other", "sha256": "2" * 64})
-    msg = _refused([*a, *b], a[0], b[0], "'classifier.sha256' (\"111", out=tmp_path / "o")
+    cfg = make_config(sigma=0.5, n0=10, n=120, block_size=40, num_classes=C)
+    units = plan_units(cfg, range(20))
+    probs = class_probs(20, C, seed=2, top=(0.45, 0.999))
+    b = write_split(tmp_path / "b", cfg, units, simulate_counts(units, probs, seed=3), probs.argmax(1), 1)
+    msg = _refused([*a, *b], a[0], b[0], "'block_size' (50 vs 40)", out=tmp_path / "o")
     assert "different run configurations" in msg
 
 

@@ -43,7 +43,9 @@ def test_shard_count_changes_nothing_in_the_counts_or_the_aggregate(tmp_path):
                                         "--no-plot"], catch_exceptions=False)
         assert agg.exit_code == 0, agg.output
         tsv = [n for n in os.listdir(tmp_path / f"agg{shards}") if n.endswith(".tsv")]
-        results[shards] = (merged_counts(run_dir), agg.stdout,
+        table, cost = agg.stdout.split("\nCost (device time spent counting")  # the measured cost differs per run
+        assert "| 1,760 |" in cost  # ... and it counts every draw of the run once
+        results[shards] = (merged_counts(run_dir), table,
                            {n: (tmp_path / f"agg{shards}" / n).read_text() for n in tsv})
     counts1, table1, tsv1 = results[1]
     assert len(counts1) == 8 * 3 and {k[0] for k in counts1} == set(range(8))
@@ -100,6 +102,10 @@ def test_run_directory_resumes_refuses_and_overwrites(tmp_path):
     (["--sigma", "0.5", "--classifier", "nosuch"], "--classifier 'nosuch': unknown kind"),
     (["--sigma", "0.5", "--block-size", "90"], "not a multiple of --draw-batch 20"),
     (["--sigma", "0.5", "--indices", "3,600"], "image 600 is outside"),
+    (["--sigma", "0.5", "--early-stop", "0.5"], "--early-stop 0.5: give the largest alpha"),
+    (["--sigma", "0.5", "--early-stop", "0.01", "--mode", "predict"], "--early-stop needs --mode certify"),
+    (["--sigma", "0.5", "--early-stop", "0.01", "--shards", "9"], "every shard holds whole images; use 1 to 8"),
+    (["--sigma", "0.5", "--n", "40000000", "--draw-batch", "1", "--block-size", "1"], "at most 33554432 noise"),
     ([], "--sigma is required"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):

@@ -125,6 +125,41 @@ def _pairs(out):
     return [(u, c.tolist()) for u, c in out]
 
 
+# Two noise batches of one run (seed 0) whose 63-bit SeedSequence seeds of the old scheme agree in their low 32 bits
+# (found by a birthday search over images 0..99, both streams, batches 0..399).
+COLLIDING = ((32, 1, 181), (99, 1, 310))
+
+
+def _old_batch_seed(seed, image, stream, batch):
+    """The noise seed before noise scheme counter-v2 (kept here to reproduce its collision)."""
+    state = np.random.SeedSequence(seed, spawn_key=(image, stream, batch)).generate_state(2, np.uint32)
+    return ((int(state[1]) << 32) | int(state[0])) & ((1 << 63) - 1)
+
+
+def test_old_seeds_collided_on_the_cpu_and_the_new_states_do_not():
+    a, b = (_old_batch_seed(0, *c) for c in COLLIDING)
+    assert a != b and a & 0xFFFFFFFF == b & 0xFFFFFFFF
+    old = [torch.empty(100, *SHAPE).normal_(generator=torch.Generator().manual_seed(s)) for s in (a, b)]
+    assert torch.equal(*old), "torch's CPU generator kept 32 bits: two batches drew the same noise"
+    new = [draw_noise(0, *c, 100, SHAPE) for c in COLLIDING]
+    assert not torch.equal(*new) and not (new[0] == new[1]).any()
+    # and the engine draws the new noise: a second run of one batch reproduces it exactly
+    torch.testing.assert_close(new[0], draw_noise(0, *COLLIDING[0], 100, SHAPE), rtol=0, atol=0)
+
+
+def test_cpu_generator_state_layout_is_checked(monkeypatch):
+    from cpcluster import noise
+
+    noise.check_cpu_layout()
+    mine = torch.Generator()
+    mine.set_state(noise.cpu_state(noise.mt19937_init_words(77)))
+    assert torch.equal(torch.rand(50, generator=mine), torch.rand(50, generator=torch.Generator().manual_seed(77)))
+    monkeypatch.setattr(noise, "_WORDS_AT", 32)  # a torch that moved the words: refused, not silently other noise
+    monkeypatch.setattr(noise, "_layout_ok", False)
+    with pytest.raises(RuntimeError, match="lays out its CPU generator state differently"):
+        noise.BatchGenerator(0, "cpu")
+
+
 class RandomLabels(torch.nn.Module):
     """A stochastic 'purifier + classifier': the label is drawn from the generator it is given."""
 

@@ -199,6 +199,22 @@ def test_pf_ode_converges_to_exact_flow(preconditioned):
     assert torch.allclose(one(x), d.clamp(0, 1), atol=1e-12)
 
 
+def test_network_evaluations_per_image_are_what_the_purifiers_report():
+    """``nfe`` (recorded per certify shard for cost accounting) equals the denoiser calls a forward makes."""
+    calls = []
+    net = GaussianDenoiser(0.1, 0.3, True)
+    net.register_forward_hook(lambda *_: calls.append(1))
+    den = LoadedDenoiser(net, "edm", {"c_noise": "edm", "preconditioned": True, "num_classes": None})
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    for solver in ("heun", "euler"):
+        for k in (1, 2, 5):
+            pur = build_purifier("pf-ode", den, 0.5, steps=k, time_rule="exact", solver=solver)
+            calls.clear()
+            pur(x)
+            assert pur.nfe == len(calls) == (2 * k - 1 if solver == "heun" else k)
+    assert build_purifier("none", None, 0.5).nfe == 0
+
+
 def test_pf_ode_refuses_bad_inputs(folders):
     edm = LoadedDenoiser(GaussianDenoiser(0, 1, True), "edm", {"c_noise": "edm", "num_classes": None}, spec="x")
     with pytest.raises(InputError, match="--time exact"):

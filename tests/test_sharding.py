@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcluster.errors import InputError
-from cpcluster.sharding import (ESTIMATION, SELECTION, balanced_ranges, batch_seed, build_units, check_batching,
+from cpcluster.sharding import (ESTIMATION, SELECTION, BatchStates, balanced_ranges, build_units, check_batching,
                                 make_plan, split_array, unit_batches)
 
 
@@ -76,14 +76,28 @@ def test_plan_refuses_bad_shard_counts():
         build_units([1], 10, 60, 10, "guess")
 
 
-def test_seeds_follow_seedsequence_and_do_not_collide():
-    ref = np.random.SeedSequence(17, spawn_key=(4, 1, 9)).generate_state(2, np.uint32)
-    assert batch_seed(17, 4, 1, 9) == ((int(ref[1]) << 32) | int(ref[0])) & ((1 << 63) - 1)
-    seeds = {batch_seed(0, i, s, j) for i in range(40) for s in (0, 1) for j in range(40)}
-    assert len(seeds) == 40 * 2 * 40
-    assert all(0 <= s < 2**63 for s in seeds)
-    assert batch_seed(0, 3, 0, 0) != batch_seed(0, 3, 1, 0), "selection and estimation streams differ"
-    assert batch_seed(1, 3, 1, 0) != batch_seed(0, 3, 1, 0)
+def test_two_batches_of_a_run_never_share_a_generator_state():
+    """CPU: the Philox block of counter (1, j, s, i) sits in words 1..8 of the mt19937 state; CUDA: a bijection."""
+    states = BatchStates(0)
+    key = np.random.SeedSequence(0).generate_state(2, np.uint64)
+    np.testing.assert_array_equal(states.key, key)
+    words = states.mt19937_words(7, 1, 3)
+    assert words.dtype == np.uint32 and words.shape == (624,) and words[0] == 0x80000000
+    block = np.random.Philox(key=key, counter=[0, 3, 1, 7]).random_raw(4).view(np.uint32)  # counter +1 first
+    np.testing.assert_array_equal(words[1:9], block)
+    grid = [(i, s, j) for i in range(60) for s in (0, 1) for j in range(60)]
+    cpu = {states.mt19937_words(*c)[1:].tobytes() for c in grid}
+    cuda = {states.cuda_seed(*c) for c in grid}
+    assert len(cpu) == len(cuda) == len(grid), "every batch has its own state"
+    assert all(0 <= v < 2**64 for v in cuda)
+    # the CUDA map is a bijection of the packed counter: extreme counters stay distinct, other seeds move everything
+    edge = [(0, 0, 0), (0, 0, 2**25 - 1), (0, 1, 0), (2**38 - 1, 1, 2**25 - 1), (1, 0, 0)]
+    assert len({states.cuda_seed(*c) for c in edge}) == len(edge)
+    assert states.cuda_seed(3, 1, 0) != BatchStates(1).cuda_seed(3, 1, 0)
+    assert not np.array_equal(states.mt19937_words(3, 1, 0), BatchStates(1).mt19937_words(3, 1, 0))
+    for bad in [(-1, 0, 0), (0, 2, 0), (0, 0, 2**25), (2**38, 0, 0)]:
+        with pytest.raises(ValueError, match="noise counter"):
+            states.cuda_seed(*bad)
 
 
 def _stream_batches(units, block_size, draw_batch):

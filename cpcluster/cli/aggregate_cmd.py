@@ -36,6 +36,16 @@ def parse_radii(text: str) -> tuple:
             from None
 
 
+def parse_radius(text: str | None) -> float | None:
+    """``--cost-radius`` text -> float (checked further by :class:`AggregateOptions`); None stays None."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--cost-radius {text!r}: not a number; give a radius, e.g. --cost-radius 0.5") from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--alpha", default="0.001", show_default=True, metavar="FLOAT",
@@ -49,14 +59,19 @@ def parse_radii(text: str) -> tuple:
                    "instead of excluding them.")
 @click.option("--format", "fmt", type=click.Choice(AGGREGATE_FORMATS), default="md", show_default=True,
               help="Table printed to the terminal; latex/csv are also written beside table.md.")
-@click.option("--plot/--no-plot", default=True, show_default=True, help="Write certified_accuracy.png.")
-def aggregate(paths, alpha, radii, out, allow_partial, fmt, plot):
+@click.option("--plot/--no-plot", default=True, show_default=True,
+              help="Write certified_accuracy.png (and cost.png when the shards recorded their device time).")
+@click.option("--cost-radius", default=None, metavar="R",
+              help="Radius of cost.png: certified accuracy at R against device-seconds per image, one point per "
+                   "row. Default: the middle entry of --radii.")
+def aggregate(paths, alpha, radii, out, allow_partial, fmt, plot, cost_radius):
     """Merge certify shard files and compute certified radii, accuracy tables and curves.
 
     PATHS are shard files, globs (quoted or expanded by the shell), run folders or fsspec URLs. Files are grouped
     by (method, sigma); inside a group all files must come from one run configuration. Writes one Cohen-style TSV
     per group, summary.json, table.md and certified_accuracy.png, and prints the table (certified accuracy in %,
-    rows per sigma and the best over sigma).
+    rows per sigma and the best over sigma). When the shards recorded their device time, also the cost of every
+    row (device-hours, draws/s, network evaluations per draw; cost.csv, appended to table.md) and cost.png.
 
     \b
     Examples:
@@ -67,7 +82,8 @@ def aggregate(paths, alpha, radii, out, allow_partial, fmt, plot):
     from cpcluster.aggregate.pipeline import run_aggregate
 
     opts = AggregateOptions(paths=tuple(paths), alpha=parse_alpha(alpha), radii=parse_radii(radii), out=out,
-                            allow_partial=allow_partial, format=fmt, plot=plot)
+                            allow_partial=allow_partial, format=fmt, plot=plot,
+                            cost_radius=parse_radius(cost_radius))
     result = run_aggregate(opts)
     for w in result.warnings:
         click.echo(f"Warning: {w}", err=True)

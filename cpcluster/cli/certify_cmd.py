@@ -97,6 +97,11 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
                    "never the true label. Ignored for unconditional purifiers.")
 @click.option("--mode", type=click.Choice(CERTIFY_MODES), default="certify", show_default=True,
               help="certify (selection + estimation) or predict (estimation only).")
+@click.option("--early-stop", "early_stop", type=float, default=None, metavar="MAX_ALPHA",
+              help="Skip estimation draws that cannot change certified accuracy or ACR at any alpha <= MAX_ALPHA: "
+                   "images whose selection picks a wrong class, and the rest of an image once it must abstain. "
+                   "Recorded in the run; aggregate refuses a larger --alpha. Use --block-size <= n/10 so images "
+                   "can stop early.")
 @click.option("--dtype", type=click.Choice(CERTIFY_DTYPES), default="float32", show_default=True,
               help="Forward precision (autocast).")
 @click.option("--device", type=click.Choice(CERTIFY_DEVICES), default="auto", show_default=True,
@@ -177,6 +182,10 @@ def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
         hours = plan.total_draws / rate / 3600
         click.echo(f"  estimated cost: {hours:.3g} device-hours in all, {draws.max() / rate / 60:.3g} min for the "
                    f"largest shard, at {rate:,.0f} draws/s measured here ({where})")
+        if run.config.early_stop is not None:
+            from cpcluster.jobs.early_stop import estimate_saving
+
+            click.echo(f"  {estimate_saving(run)}")
     if kind == "slurm":
         _print_sbatch(resolved, slurm)
     click.echo("dry run: nothing written or submitted")

@@ -1,6 +1,8 @@
 """``cpcluster demo``: thin Click wrapper around :func:`cpcluster.demo.pipeline.run_demo` (what ``make demo`` runs)."""
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -40,7 +42,10 @@ def demo(out, quick, workers, overwrite):
     click.echo("")
     for line in story_lines(result, plan):
         click.echo(line)
-    click.echo(f"\nwrote {len(agg.written)} files to {agg.out} (certified_accuracy.png, summary.json, table.md, TSVs)")
+    names = {os.path.basename(w) for w in agg.written}
+    cost = ", cost.png: certified accuracy against device-seconds per image" if "cost.png" in names else ""
+    click.echo(f"\nwrote {len(agg.written)} files to {agg.out} (certified_accuracy.png, summary.json, table.md, "
+               f"TSVs{cost})")
     s = result.seconds
     click.echo(f"wall time {s['total']:.0f} s (fine-tuning {s['finetune']:.0f} s, certification {s['certify']:.0f} s, "
                f"aggregation {s['aggregate']:.0f} s)")

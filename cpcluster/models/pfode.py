@@ -157,6 +157,12 @@ class PFODEPurifier(DenoiserPurifier):
             x = x_next
         return model_to_pixel(x)
 
+    @property
+    def nfe(self) -> int:
+        """Denoiser evaluations per image: one per step, plus Heun's correction on every step not ending at 0."""
+        heun = self.solver == "heun"
+        return sum(1 + (heun and t_next > 0) for t_next in self.times[1:])
+
     def describe(self) -> dict:
         return {"kind": self.kind, "t_sigma": self.times[0], "time_rule": self.time_rule,
                 "steps": len(self.times) - 1, "solver": self.solver, "times": self.times,

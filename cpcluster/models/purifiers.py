@@ -43,9 +43,12 @@ class LabelPolicy:
 
 
 class Purifier(nn.Module):
-    """Base class. ``forward(x_noisy (B,C,H,W) pixel space, generator=None) -> (B,C,H,W) pixel space [0,1]``."""
+    """Base class. ``forward(x_noisy (B,C,H,W) pixel space, generator=None) -> (B,C,H,W) pixel space [0,1]``.
+
+    ``nfe``: network evaluations per purified image (the cost the paper's efficiency claim is about)."""
 
     kind = "base"
+    nfe = 1
 
     def describe(self) -> dict:
         return {"kind": self.kind}
@@ -56,6 +59,7 @@ class IdentityPurifier(Purifier):
 
     kind = "none"
     uses_generator = False
+    nfe = 0
 
     def __init__(self, sigma: float = 0.0, **_):
         super().__init__()
