@@ -10,7 +10,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # The tests that `make test-fast` leaves out (marker `slow`): several processes, a whole demo, long fault-injection
 # loops. One list, by file or by test name, so the fast loop is defined in one place; `make test` runs everything.
 SLOW_FILES = {"test_certify_crash.py", "test_finetune_ddp.py", "test_demo.py", "test_route_diffusers.py",
-              "test_route_openai_unet.py", "test_edm_route.py"}
+              "test_route_openai_unet.py", "test_edm_route.py", "test_cost.py", "test_flax_ncsnpp_finetune.py"}
+SLOW_FIXTURES = {"demo_runs"}  # full and early-stopped demo certifications (test_early_stop.py)
 SLOW_TESTS = {
     "test_shard_count_changes_nothing_in_the_counts_or_the_aggregate",
     "test_run_directory_resumes_refuses_and_overwrites",
@@ -25,5 +26,6 @@ SLOW_TESTS = {
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if os.path.basename(str(item.fspath)) in SLOW_FILES or item.originalname in SLOW_TESTS:
+        if (os.path.basename(str(item.fspath)) in SLOW_FILES or item.originalname in SLOW_TESTS
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)

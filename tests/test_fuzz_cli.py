@@ -350,7 +350,7 @@ CASES = {
     "certify --n beyond a unit": (None, ["certify", "--sigma", "0.5", "--n", str(10**19), "--dry-run"], "--n"),
     "certify --n of 2^62": (None, ["certify", "--sigma", "0.5", "--n", str(2**62), "--block-size", str(2**61),
                                    "--dry-run"], "--n"),
-    "certify 10^12 units": (None, ["certify", "--sigma", "0.5", "--n", str(10**12), "--block-size", "100",
+    "certify 5x10^9 units": (None, ["certify", "--sigma", "0.5", "--n", str(10**9), "--block-size", "100",
                                    "--denoiser", "demo-random", "--classifier", "demo-random", "--dry-run"],
                             "work units"),
     "certify --indices of 10^10": (None, ["certify", "--sigma", "0.5", "--indices", "0-10000000000", "--dry-run"],
