@@ -201,40 +201,10 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast, on CUDA only
 
     def __post_init__(self):
-        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
-        bad = [s for s in self.sigmas if not s > 0]
-        if not self.sigmas or bad:
-            raise InputError(f"--sigmas {','.join(map(str, self.sigmas)) or '(empty)'}: "
-                             f"{'%g is not positive; ' % bad[0] if bad else ''}give one or more positive "
-                             "pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
-        for name in ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("eval_images", "eval_every", "lpips_resize"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        if self.batch_size % self.world_size:
-            raise InputError(f"--batch-size {self.batch_size} is not divisible by the {self.world_size} ranks "
-                             f"({self.nodes} nodes x {self.ranks_per_node}); use a multiple of {self.world_size}")
-        if not self.lr > 0:
-            raise InputError(f"--lr {self.lr}: must be positive")
-        if not 0 <= self.ema_decay < 1:
-            raise InputError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
-        if self.grad_clip < 0:
-            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or positive")
-        choices = {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if not self.out:
-            raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
-        kind, _, value = self.purifier_label.partition(":")
-        if self.purifier_label != "random" and not (kind == "fixed" and value.isdigit()):
-            raise InputError(f"--purifier-label {self.purifier_label!r}: use 'random' or 'fixed:K', e.g. fixed:0")
-        if not 0 <= int(self.seed) < 2**63:
-            raise InputError(f"--seed {self.seed}: must be in [0, 2**63)")
+        check_training(self, ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
+                              "keep_checkpoints", "log_every"), ("eval_images", "eval_every", "lpips_resize"),
+                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
+                        "device": ("auto", "cpu", "cuda")})
 
     @property
     def world_size(self) -> int:
@@ -249,3 +219,38 @@ class FinetuneConfig:
     def run_dict(self) -> dict:
         """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
         return {k: v for k, v in self.to_dict().items() if k not in FINETUNE_RESUME_FREE}
+
+
+def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> None:
+    """The validation the fine-tuning configs share; normalises ``cfg.sigmas`` to floats. :class:`InputError`."""
+    object.__setattr__(cfg, "sigmas", tuple(float(s) for s in cfg.sigmas))
+    bad = [s for s in cfg.sigmas if not s > 0]
+    if not cfg.sigmas or bad:
+        raise InputError(f"--sigmas {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
+                         f"{'%g is not positive; ' % bad[0] if bad else ''}give one or more positive "
+                         "pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+    for name in positive:
+        if int(getattr(cfg, name)) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    for name in non_negative:
+        if int(getattr(cfg, name)) < 0:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
+    if cfg.batch_size % cfg.world_size:
+        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {cfg.world_size} ranks "
+                         f"({cfg.nodes} nodes x {cfg.ranks_per_node}); use a multiple of {cfg.world_size}")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr {cfg.lr}: must be positive")
+    if not 0 <= cfg.ema_decay < 1:
+        raise InputError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1)")
+    if cfg.grad_clip < 0:
+        raise InputError(f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive")
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    if not cfg.out:
+        raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
+    kind, _, value = cfg.purifier_label.partition(":")
+    if cfg.purifier_label != "random" and not (kind == "fixed" and value.isdigit()):
+        raise InputError(f"--purifier-label {cfg.purifier_label!r}: use 'random' or 'fixed:K', e.g. fixed:0")
+    if not 0 <= int(cfg.seed) < 2**63:
+        raise InputError(f"--seed {cfg.seed}: must be in [0, 2**63)")
