@@ -32,6 +32,36 @@ def _join(folder: str, name: str) -> str:
     return folder.rstrip("/") + "/" + name
 
 
+def state_bytes(state: dict, tag: str) -> bytes:
+    """``state`` (tensors, any device) as safetensors bytes with the single metadata entry ``format: tag``.
+
+    One metadata key only: safetensors writes a metadata map in random order, so two keys would make the bytes (and
+    the sha256 that certify runs record) differ between exports of the same weights.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return save_safetensors(tensors, metadata={"format": tag})
+
+
+def write_export(folder: str, weights_file: str, raw: bytes, meta: dict) -> dict:
+    """Write the weights, then ``cpcluster.json`` (last: a folder holding it is complete), each atomically."""
+    from cpcluster.shards import write_bytes_atomic
+
+    write_bytes_atomic(_join(folder, weights_file), raw)
+    write_bytes_atomic(_join(folder, META_FILE), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return meta
+
+
+def export_record(fmt: str, base: dict, weights: dict, step: int, config: dict, extra: dict | None) -> dict:
+    """The common part of a ``cpcluster.json``: format, base, weights, step, config, code version, time."""
+    from cpcluster import __version__
+
+    return {"format": fmt, "version": 1, "base": base, "weights": weights, "step": int(step), "config": config,
+            "code_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
+
+
 def export_finetuned(folder: str, state: dict, base: LoadedDenoiser, which: str, step: int, config: dict,
                      extra: dict | None = None) -> dict:
     """Write ``folder/denoiser.safetensors`` then ``folder/cpcluster.json``, each atomically; returns the JSON.
@@ -39,42 +69,42 @@ def export_finetuned(folder: str, state: dict, base: LoadedDenoiser, which: str,
     ``state``: the state_dict to export (tensors, any device); ``which``: ``"ema"`` or ``"raw"``; ``config``: the
     run's configuration (``FinetuneConfig.to_dict()``).
     """
-    from safetensors.torch import save as save_safetensors
+    raw = state_bytes(state, f"{FORMAT}/{which}")
+    meta = export_record(FORMAT, {"spec": base.spec, "sha256": base.sha256, "kind": base.kind},
+                         {"file": WEIGHTS_FILE, "sha256": sha256_bytes(raw), "which": which}, step, config,
+                         {"meta": {k: base.meta.get(k) for k in META_KEYS}, **(extra or {})})
+    return write_export(folder, WEIGHTS_FILE, raw, meta)
 
-    from cpcluster import __version__
-    from cpcluster.shards import write_bytes_atomic
 
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    # One metadata key only: safetensors writes a metadata map in random order, so two keys would make the
-    # bytes (and the sha256 that certify runs record) differ between exports of the same weights.
-    raw = save_safetensors(tensors, metadata={"format": f"{FORMAT}/{which}"})
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "base": {"spec": base.spec, "sha256": base.sha256, "kind": base.kind},
-        "meta": {k: base.meta.get(k) for k in META_KEYS},
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(raw), "which": which},
-        "step": int(step),
-        "config": config,
-        "code_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **(extra or {}),
-    }
-    write_bytes_atomic(_join(folder, WEIGHTS_FILE), raw)
-    write_bytes_atomic(_join(folder, META_FILE), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+def read_export_meta(folder: str, fmt: str, what: str, kind: str) -> dict:
+    """The ``cpcluster.json`` of an export folder, checked for the format ``fmt``; :class:`InputError` otherwise."""
+    url = _join(folder, META_FILE)
+    try:
+        meta = json.loads(read_bytes(url, what))
+    except json.JSONDecodeError:
+        raise InputError(f"{what}{folder}: {META_FILE} is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or not isinstance(meta.get("base"), dict) \
+            or not isinstance(meta.get("weights"), dict):
+        raise InputError(f"{what}{folder}: {META_FILE} is not a cpcluster {kind} result")
     return meta
 
 
 def read_finetuned_meta(folder: str) -> dict:
     """The ``cpcluster.json`` of a fine-tuned folder, checked for the format; :class:`InputError` otherwise."""
-    url = _join(folder, META_FILE)
-    try:
-        meta = json.loads(read_bytes(url, "--denoiser finetuned:"))
-    except json.JSONDecodeError:
-        raise InputError(f"--denoiser finetuned:{folder}: {META_FILE} is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "base" not in meta:
-        raise InputError(f"--denoiser finetuned:{folder}: {META_FILE} is not a cpcluster fine-tuning result")
-    return meta
+    return read_export_meta(folder, FORMAT, "--denoiser finetuned:", "fine-tuning")
+
+
+def load_checked_weights(folder: str, meta: dict, what: str) -> tuple[dict, str, str]:
+    """``(state_dict, sha256, url)`` of the export's weights file, refused unless its sha256 is the recorded one."""
+    name = meta["weights"].get("file")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise InputError(f"{what}{folder}: {META_FILE} names no weights file inside the folder")
+    url = _join(folder, name)
+    state, digest = load_state_dict(url, f"{what} weights")
+    if digest != meta["weights"].get("sha256"):
+        raise InputError(f"{what}{folder}: {url} has sha256 {digest[:12]}..., but {META_FILE} records "
+                         f"{str(meta['weights'].get('sha256'))[:12]}...; the folder was altered, re-export it")
+    return state, digest, url
 
 
 @register("denoiser", "finetuned")
@@ -83,11 +113,7 @@ def load_finetuned(folder: str) -> LoadedDenoiser:
     if not folder:
         raise InputError("--denoiser finetuned: needs a folder, e.g. finetuned:runs/ft/final")
     meta = read_finetuned_meta(folder)
-    url = _join(folder, meta["weights"]["file"])
-    state, digest = load_state_dict(url, "--denoiser finetuned: weights")
-    if digest != meta["weights"]["sha256"]:
-        raise InputError(f"--denoiser finetuned:{folder}: {url} has sha256 {digest[:12]}..., but {META_FILE} "
-                         f"records {meta['weights']['sha256'][:12]}...; the folder was altered, re-export it")
+    state, digest, url = load_checked_weights(folder, meta, "--denoiser finetuned:")
     base = load_denoiser(meta["base"]["spec"])
     if base.sha256 != meta["base"]["sha256"]:
         # The architecture is what matters here (the weights are replaced), but say that the base changed.

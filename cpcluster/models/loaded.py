@@ -42,17 +42,23 @@ class LoadedDenoiser:
 
 @dataclass
 class LoadedClassifier:
-    """``module(x)``: pixel-space (B, C, H, W) in [0, 1] -> logits (B, num_classes); transform is inside."""
+    """``module(x)``: pixel-space (B, C, H, W) in [0, 1] -> logits (B, num_classes); transform is inside.
+
+    ``finetuned``: for a classifier fine-tuned behind a purifier (CLS-FT, ``finetuned:DIR``), where it came from
+    (base spec, step, purifier); None otherwise (and then absent from :meth:`describe`, so run configs of plain
+    classifiers keep their hash).
+    """
 
     module: nn.Module
     num_classes: int
     spec: str = ""
     sha256: str | None = None
     transform: dict = field(default_factory=dict)
+    finetuned: dict | None = None
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes,
-                "transform": self.transform}
+        out = {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes, "transform": self.transform}
+        return out if self.finetuned is None else {**out, "finetuned": self.finetuned}
 
 
 @dataclass
