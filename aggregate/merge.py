@@ -31,23 +31,37 @@ NAME_DEFAULTS = {"time_rule": "nearest"}
 
 
 def method_name(config: dict) -> str:
-    """Readable method name from ``config["purifier"]`` and ``config["denoiser"]``.
+    """Readable method name from ``config["purifier"]``, ``config["denoiser"]`` and ``config["classifier"]``.
 
     ``"none"`` for the identity purifier; else ``"kind(denoiser spec[, key=value ...])"`` with the non-default
-    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``.
+    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``; then
+    :func:`finetuning_label` in brackets when anything was fine-tuned, e.g. ``"consistency(demo) [CLS-FT: SPEC]"``.
     """
     pur = config.get("purifier")
     kind = pur.get("kind") if isinstance(pur, dict) else pur
     if not isinstance(kind, str) or not kind:
         raise ValueError("config key 'purifier' must be an object with a 'kind' string")
+    label = finetuning_label(config)
+    suffix = f" [{label}]" if label else ""
     if kind == "none":
-        return "none"
+        return "none" + suffix
     den = config.get("denoiser")
     spec = den.get("spec") if isinstance(den, dict) else den
     parts = [str(spec)] if spec else []
     if isinstance(pur, dict):
         parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
-    return f"{kind}({', '.join(parts)})" if parts else kind
+    return (f"{kind}({', '.join(parts)})" if parts else kind) + suffix
+
+
+def finetuning_label(config: dict) -> str:
+    """What was fine-tuned, as in the paper's last table: ``"DM-FT"`` (the purifier's network is a ``finetune``
+    result), ``"CLS-FT: <classifier spec>"`` (the classifier is a ``finetune-classifier`` result), ``"DM-FT +
+    CLS-FT: <classifier spec>"`` (both), or ``""``. Read from the ``finetuned`` records of the run config."""
+    den, clf = config.get("denoiser"), config.get("classifier")
+    dm = isinstance(den, dict) and isinstance(den.get("finetuned"), dict)
+    cls = isinstance(clf, dict) and isinstance(clf.get("finetuned"), dict)
+    parts = (["DM-FT"] if dm else []) + ([f"CLS-FT: {clf.get('spec')}"] if cls else [])
+    return " + ".join(parts)
 
 
 @dataclass(frozen=True)
