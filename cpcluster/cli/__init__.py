@@ -18,6 +18,7 @@ COMMANDS = {
     "certify": "cpcluster.cli.certify_cmd:certify",
     "inspect": "cpcluster.cli.inspect_cmd:inspect_cmd",
     "finetune": "cpcluster.cli.finetune_cmd:finetune",
+    "finetune-classifier": "cpcluster.cli.finetune_classifier_cmd:finetune_classifier",
     "status": "cpcluster.cli.status_cmd:status",
     "resubmit": "cpcluster.cli.status_cmd:resubmit",
     "demo": "cpcluster.cli.demo_cmd:demo",
