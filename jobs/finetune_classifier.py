@@ -89,15 +89,12 @@ def set_train_mode(net, batchnorm: str) -> None:
 
 def frozen_purifiers(cfg: ClassifierFinetuneConfig, device):
     """``(purifiers, denoiser)``: one purifier per sigma on ``device``, eval mode, no gradients."""
-    from cpcluster.models.purifiers import LabelPolicy, build_purifier
+    from cpcluster.models.purifiers import configured_purifier
     from cpcluster.models.specs import load_denoiser
 
     denoiser = load_denoiser(cfg.denoiser) if cfg.denoiser else None
-    options = {"time_rule": cfg.time_rule, "label_policy": LabelPolicy(cfg.purifier_label)}
-    if cfg.purifier_steps is not None:
-        options["steps"] = cfg.purifier_steps
-    purifiers = [build_purifier(cfg.purifier, denoiser, s, **options).to(device).eval().requires_grad_(False)
-                 for s in cfg.sigmas]
+    purifiers = [configured_purifier(cfg.purifier, denoiser, s, cfg.time_rule, cfg.purifier_label,
+                                     cfg.purifier_steps).to(device).eval().requires_grad_(False) for s in cfg.sigmas]
     return purifiers, denoiser
 
 

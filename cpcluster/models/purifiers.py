@@ -145,6 +145,16 @@ def build_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, **o
     return PURIFIERS[name](denoiser, sigma, **options)
 
 
+def configured_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, time_rule: str = "nearest",
+                        purifier_label: str = "fixed:0", steps: int | None = None) -> Purifier:
+    """:func:`build_purifier` from the command-line settings every job has (``--time``, ``--purifier-label``,
+    ``--steps`` of pf-ode)."""
+    options = {"time_rule": time_rule, "label_policy": LabelPolicy(purifier_label)}
+    if steps is not None:
+        options["steps"] = steps
+    return build_purifier(name, denoiser, sigma, **options)
+
+
 class SmoothedBase(nn.Module):
     """The base classifier of randomized smoothing with purification: ``f(x + delta) = clf(D(x + delta))``.
 
