@@ -103,3 +103,83 @@ class ClassifierFinetuneConfig:
         """What defines the trained weights; a checkpoint resumes only under an equal ``run_dict``."""
         free = CLASSIFIER_RESUME_FREE | ({"steps"} if self.schedule == "constant" else set())
         return {"job": "finetune-classifier", **{k: v for k, v in self.to_dict().items() if k not in free}}
+
+
+# ---------------------------------------------------------------------------------------------- purification quality
+QUALITY_PURIFIERS = ("clean",) + PURIFIER_KINDS
+# Fields that do not change what a quality run measures: where and how fast it runs.
+QUALITY_RUN_FREE = frozenset({"run_dir", "batch", "device", "threads"})
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """One purification-quality run (``jobs/quality.py``): a purifier at one pixel-space ``sigma`` -- or, with
+    ``purifier="clean"``, the clean images themselves (the FID reference; no noise, no sigma) -- on the selected
+    images of ``dataset`` (``indices``, then every ``skip``-th, then the first ``max_images``), cut into
+    ``num_shards`` contiguous shards of images.
+
+    Per image it records the Inception pool3 features of the purified image, the purified image itself (for the
+    transport distance), LPIPS and L2 to the clean image and the classifier's prediction. The noise of image ``i``
+    is a function of ``(seed, i)`` only: every purifier sees the same noisy images, however the run is split.
+    """
+
+    run_dir: str
+    dataset: str = "demo"
+    purifier: str = "consistency"
+    denoiser: str | None = "demo"
+    sigma: float | None = 0.5
+    classifier: str = "demo"
+    num_shards: int = 1
+    skip: int = 1
+    max_images: int | None = None
+    indices: tuple | None = None
+    seed: int = 0
+    purifier_steps: int | None = None
+    time_rule: str = "nearest"
+    purifier_label: str = "fixed:0"
+    lpips_net: str = "vgg"
+    lpips_resize: int = 224
+    lpips_random_backbone: bool = False  # tests and the demo only
+    inception_weights: str | None = None  # None: <torch hub>/checkpoints/weights-inception-2015-12-05-6726825d.pth
+    inception_random_weights: bool = False  # tests and the demo only: a seeded random stand-in
+    batch: int = 64
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.purifier not in QUALITY_PURIFIERS:
+            raise InputError(f"--purifier {self.purifier!r}: use one of {', '.join(QUALITY_PURIFIERS)}")
+        if self.purifier == "clean":
+            object.__setattr__(self, "sigma", None)
+            object.__setattr__(self, "denoiser", None)
+        else:
+            if self.sigma is None or not 0.0 < float(self.sigma) < float("inf"):
+                raise InputError(f"--sigma {self.sigma}: give a positive pixel-space noise level, e.g. --sigma 0.5")
+            object.__setattr__(self, "sigma", float(self.sigma))
+            if self.purifier == "none":
+                object.__setattr__(self, "denoiser", None)
+            elif not self.denoiser:
+                raise InputError(f"--purifier {self.purifier} needs a denoiser, e.g. {self.purifier}:demo")
+        if self.indices is not None:
+            object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+        for name, least in (("num_shards", 1), ("skip", 1), ("batch", 1), ("seed", 0), ("lpips_resize", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InputError(f"--{name.replace('_', '-').replace('num-', '')} {value}: must be an integer >= {least}")
+        if self.max_images is not None and self.max_images < 1:
+            raise InputError(f"--max-images {self.max_images}: must be at least 1")
+        choices = {"lpips_net": ("vgg", "alex"), "time_rule": ("nearest", "exact"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if not self.run_dir:
+            raise InputError("--out is required: a folder or fsspec URL for the quality shards")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["indices"] = list(self.indices) if self.indices is not None else None
+        return d
+
+    def run_dict(self) -> dict:
+        """What the measurements depend on (the shard files' config adds the models' and data's hashes)."""
+        return {k: v for k, v in self.to_dict().items() if k not in QUALITY_RUN_FREE}

@@ -22,6 +22,8 @@ COMMANDS = {
     "status": "cpcluster.cli.status_cmd:status",
     "resubmit": "cpcluster.cli.status_cmd:resubmit",
     "demo": "cpcluster.cli.demo_cmd:demo",
+    "quality": "cpcluster.cli.quality_cmd:quality",
+    "quality-report": "cpcluster.cli.quality_cmd:quality_report",
     "convert": "cpcluster.cli.convert_cmd:convert",
 }
 
