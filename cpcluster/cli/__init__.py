@@ -25,6 +25,7 @@ COMMANDS = {
     "quality": "cpcluster.cli.quality_cmd:quality",
     "quality-report": "cpcluster.cli.quality_cmd:quality_report",
     "convert": "cpcluster.cli.convert_cmd:convert",
+    "grid": "cpcluster.cli.grid_cmd:grid",
 }
 
 
