@@ -82,12 +82,13 @@ def architecture() -> torch.nn.Module:
         return _architecture_class()("inception-v3-compat", [FEATURE], feature_extractor_weights_path=empty)
 
 
-def random_state(seed: int = 0) -> dict:
+def random_state(seed: int = 0, template: dict | None = None) -> dict:
     """A seeded random-weight stand-in for the real file (same keys and shapes): He-normal convolutions, identity
-    BatchNorm statistics, so activations keep their scale through the 94 layers. For tests and the demo."""
+    BatchNorm statistics, so activations keep their scale through the 94 layers. For tests and the demo.
+    ``template``: a state_dict of :func:`architecture` to take the keys and shapes from (else one is built)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in architecture().state_dict().items():
+    for key, value in (template if template is not None else architecture().state_dict()).items():
         if key.endswith("running_var") or (key.endswith(".weight") and value.ndim == 1):
             state[key] = torch.ones_like(value)
         elif value.ndim > 1:
@@ -100,12 +101,21 @@ def random_state(seed: int = 0) -> dict:
 
 def load_inception(path: str | None = None, random_seed: int | None = None) -> torch.nn.Module:
     """The feature extractor with the weights of ``path`` (see :func:`check_inception`), or the random stand-in of
-    ``random_seed``; eval mode, no gradients, CPU."""
+    ``random_seed``; eval mode, no gradients, CPU. One process builds each at most once (the quality jobs of a
+    ``--executor debug`` run share it); the file's size and modification time are part of the cache key."""
+    if random_seed is not None:
+        return _load(None, None, int(random_seed))
+    path = check_inception(path)
+    stat = os.stat(path)
+    return _load(path, (stat.st_size, stat.st_mtime_ns), None)
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: str | None, version, random_seed: int | None) -> torch.nn.Module:
     model = architecture()
     if random_seed is not None:
-        state = random_state(random_seed)
+        state = random_state(random_seed, model.state_dict())
     else:
-        path = check_inception(path)
         if os.path.getsize(path) > MAX_FILE_BYTES:
             raise InputError(f"Inception weights {path}: {os.path.getsize(path)} bytes is too large for this network")
         try:

@@ -19,7 +19,7 @@ from cpcluster.config_evidence import ClassifierFinetuneConfig
 from cpcluster.errors import InputError
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, learning_rate, preflight, purify
-from cpcluster.jobs.training import FAULT_KILL_ENV
+from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
 from cpcluster.models.purifiers import LabelPolicy, build_purifier
 from cpcluster.models.specs import load_classifier, load_denoiser
 
@@ -178,6 +178,19 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(tmp_path, reference):
     assert result["param_sha256"] == ref_result["param_sha256"]  # bit for bit
     trains = [r["step"] for r in finetune_io.read_metrics(str(out)) if r["kind"] == "train"]
     assert trains == list(range(1, STEPS + 1))
+
+
+def test_sigterm_stops_at_a_checkpointed_step_and_the_rerun_matches(tmp_path, reference):
+    _, ref_result, _ = reference
+    out = tmp_path / "terminated"
+    cfg = config(out)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())],
+                          env={**os.environ, FAULT_TERM_ENV: "4"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "FinetuneTerminated: stopped by SIGTERM after step 5 of 8" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [5, 3]  # step 5 is not on the schedule
+    result = ClassifierFinetuneJob(cfg)()
+    assert (result["start_step"], result["param_sha256"]) == (5, ref_result["param_sha256"])
 
 
 # ------------------------------------------------------------------------------------------------------ preflight

@@ -1,4 +1,8 @@
-"""``cpcluster finetune``: parse, validate, build a FinetuneConfig, run the pre-submit checks, submit the DDP job."""
+"""``cpcluster finetune``: parse, validate, build a FinetuneConfig, run the pre-submit checks, submit the DDP job.
+
+The layout and submission options (:func:`job_options`, :func:`layout`) and the submit-and-wait step
+(:func:`submit_job`) are shared with ``cpcluster finetune-classifier``.
+"""
 from __future__ import annotations
 
 import json

@@ -30,6 +30,12 @@ def parse_purifier(text: str) -> tuple[str, str, str | None]:
     return prefix, kind, denoiser or None
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_configs(purifiers, sigmas, out: str, **fields) -> list[QualityConfig]:
     """The clean reference run, then one run per (purifier, sigma), each in ``<out>/<name>``; names unique."""
     from cpcluster.shards import join_url
@@ -64,8 +70,8 @@ def preflight(configs: list[QualityConfig]) -> None:
         check_backbone(first.lpips_net)
 
 
-def prepare(config: QualityConfig, overwrite: bool) -> int:
-    """Check or write ``<run_dir>/run.json``; returns how many of its shards are already complete."""
+def prepare(config: QualityConfig, overwrite: bool) -> list[int]:
+    """Check or write ``<run_dir>/run.json``; returns the indices of its shards still to compute."""
     import json
 
     import fsspec
@@ -85,7 +91,7 @@ def prepare(config: QualityConfig, overwrite: bool) -> int:
             fs.rm(old)
     write_bytes_atomic(join_url(config.run_dir, RUN_FILE), (json.dumps(
         {"config": config.to_dict(), "config_hash": digest, "num_shards": config.num_shards}, indent=1) + "\n").encode())
-    return sum(exists(join_url(config.run_dir, shard_name(k, config.num_shards))) for k in range(config.num_shards))
+    return [k for k in range(config.num_shards) if not exists(join_url(config.run_dir, shard_name(k, config.num_shards)))]
 
 
 @click.command("quality", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -140,15 +146,16 @@ def quality(purifiers, sigmas, out, indices, executor, workers, partition, accou
     preflight(configs)
     kind, reason = choose_executor(executor)
     workers = workers or 1
-    threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" and fields["device"] == "cpu" else None
+    on_cpu = fields["device"] == "cpu" or (fields["device"] == "auto" and not _cuda())
+    threads = max(1, (os.cpu_count() or 1) // workers) if kind == "local" and on_cpu else None  # cores shared
     tasks = []
     for c in configs:
-        done = prepare(c, overwrite)
-        click.echo(f"run {c.run_dir}: {done} of {c.num_shards} shards complete")
+        todo = prepare(c, overwrite)
+        click.echo(f"run {c.run_dir}: {c.num_shards - len(todo)} of {c.num_shards} shards complete")
         job_config = QualityConfig(**{**c.to_dict(), "indices": c.indices, "threads": threads})
         logs = os.path.join(c.run_dir, "logs") if is_local(c.run_dir) else os.path.abspath("cpcluster-logs")
         tasks += [Task(QualityShardJob(job_config, k), logs, {"run": os.path.basename(c.run_dir), "shard": k})
-                  for k in range(c.num_shards)]
+                  for k in todo]
     click.echo(f"executor: {kind} ({reason})" + (f", {workers} shard(s) at a time" if kind == "local" else ""))
     if kind == "slurm":
         jobs = submit_slurm([Task(t.fn, os.path.join(t.folder, "%j"), t.tags) for t in tasks],
@@ -156,9 +163,9 @@ def quality(purifiers, sigmas, out, indices, executor, workers, partition, accou
                                 partition=partition, account=account, time_min=time_min,
                                 array_parallelism=array_parallelism, sbatch_extra=sbatch_extra), "cpcluster-quality"))
         click.echo(f"submitted {len(jobs)} shard jobs")
-    elif kind == "local":
+    elif kind == "local" and tasks:
         run_local(tasks, workers=workers)
-    else:
+    elif tasks:
         run_debug(tasks)
     when = "when the jobs have finished" if kind == "slurm" else "next"
     click.echo(f"{when}: cpcluster quality-report {' '.join(c.run_dir for c in configs)}")
