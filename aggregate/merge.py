@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cpcluster.aggregate.finetuning import finetuning_label
 from cpcluster.errors import InputError
 from cpcluster.shards import ShardData
 
@@ -51,17 +52,6 @@ def method_name(config: dict) -> str:
     if isinstance(pur, dict):
         parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
     return (f"{kind}({', '.join(parts)})" if parts else kind) + suffix
-
-
-def finetuning_label(config: dict) -> str:
-    """What was fine-tuned, as in the paper's last table: ``"DM-FT"`` (the purifier's network is a ``finetune``
-    result), ``"CLS-FT: <classifier spec>"`` (the classifier is a ``finetune-classifier`` result), ``"DM-FT +
-    CLS-FT: <classifier spec>"`` (both), or ``""``. Read from the ``finetuned`` records of the run config."""
-    den, clf = config.get("denoiser"), config.get("classifier")
-    dm = isinstance(den, dict) and isinstance(den.get("finetuned"), dict)
-    cls = isinstance(clf, dict) and isinstance(clf.get("finetuned"), dict)
-    parts = (["DM-FT"] if dm else []) + ([f"CLS-FT: {clf.get('spec')}"] if cls else [])
-    return " + ".join(parts)
 
 
 @dataclass(frozen=True)

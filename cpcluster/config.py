@@ -162,8 +162,22 @@ FINETUNE_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", "s
                                   "checkpoint_every", "keep_checkpoints", "eval_batch", "classifier"})
 
 
+class TrainingConfig:
+    """What the fine-tuning configs share (a mixin of the frozen dataclasses below and in ``config_evidence``)."""
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * int(self.ranks_per_node)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (sigmas as a list)."""
+        d = dataclasses.asdict(self)
+        d["sigmas"] = list(self.sigmas)
+        return d
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(TrainingConfig):
     """One consistency fine-tuning run (DESIGN.md section 1, ``jobs/finetune.py``).
 
     Loss ``E_{x, s ~ U{sigmas}, z} loss(x, D(x + 2 s z, t_s))`` in model space [-1, 1]; ``sigmas`` are pixel-space
@@ -205,16 +219,6 @@ class FinetuneConfig:
                               "keep_checkpoints", "log_every"), ("eval_images", "eval_every", "lpips_resize"),
                        {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
                         "device": ("auto", "cpu", "cuda")})
-
-    @property
-    def world_size(self) -> int:
-        return int(self.nodes) * int(self.ranks_per_node)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field (sigmas as a list)."""
-        d = dataclasses.asdict(self)
-        d["sigmas"] = list(self.sigmas)
-        return d
 
     def run_dict(self) -> dict:
         """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""

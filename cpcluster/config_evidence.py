@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpcluster.config import check_training
+from cpcluster.config import TrainingConfig, check_training
 from cpcluster.errors import InputError
 
 # ------------------------------------------------------------------------------------------ classifier fine-tuning
@@ -22,7 +22,7 @@ CLASSIFIER_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", 
 
 
 @dataclass(frozen=True)
-class ClassifierFinetuneConfig:
+class ClassifierFinetuneConfig(TrainingConfig):
     """One classifier fine-tuning run behind a frozen purifier (CLS-FT, ``jobs/finetune_classifier.py``).
 
     Minimises ``E_{(x, y), s ~ U{sigmas}, z} CE(classifier(purify_s(x + s z)), y)`` over the classifier's weights;
@@ -89,15 +89,6 @@ class ClassifierFinetuneConfig:
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:
             raise InputError(f"--purifier {self.purifier} needs a --denoiser SPEC (or use --purifier none)")
-
-    @property
-    def world_size(self) -> int:
-        return int(self.nodes) * int(self.ranks_per_node)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["sigmas"] = list(self.sigmas)
-        return d
 
     def run_dict(self) -> dict:
         """What defines the trained weights; a checkpoint resumes only under an equal ``run_dict``."""

@@ -25,34 +25,16 @@ from cpcluster.errors import InputError
 from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record, write_metrics
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneTerminated,  # noqa: F401
-                                     Trainer, derive_seed, digest, epoch_order, global_batch, rank_rows, set_threads,
-                                     step_draws)
+                                     Trainer, TrainingJob, derive_seed, digest, epoch_order, global_batch, rank_rows,
+                                     set_threads, step_draws)
 from cpcluster.shards import config_hash, join_url
 
 
-class FinetuneJob:
+class FinetuneJob(TrainingJob):
     """A picklable submitit callable: one fine-tuning run, resumed from ``config.out`` when it has checkpoints."""
 
-    def __init__(self, config: FinetuneConfig):
-        self.config = config
-
-    def __call__(self) -> dict:
-        from cpcluster import dist
-
-        dist.init(self.config.device)
-        try:
-            return run(self.config)
-        finally:
-            dist.shutdown()
-
-    def checkpoint(self, *args, **kwargs):
-        """On preemption/timeout submitit requeues the same config; the state comes back from disk, not memory."""
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(type(self)(self.config))
-
-    def __repr__(self) -> str:
-        return f"FinetuneJob(out={self.config.out!r}, steps={self.config.steps})"
+    def run(self, config: FinetuneConfig) -> dict:
+        return run(config)
 
 
 def datasets(config: FinetuneConfig):

@@ -26,34 +26,16 @@ from cpcluster.config_evidence import ClassifierFinetuneConfig
 from cpcluster.errors import InputError
 from cpcluster.jobs.finetune import check_specs, datasets
 from cpcluster.jobs.finetune_io import check_run_record, write_metrics
-from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, derive_seed, global_batch, rank_rows, set_threads,
-                                     step_draws)
+from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, TrainingJob, derive_seed, global_batch, rank_rows,
+                                     set_threads, step_draws)
 from cpcluster.shards import config_hash, join_url
 
 
-class ClassifierFinetuneJob:
+class ClassifierFinetuneJob(TrainingJob):
     """A picklable submitit callable: one CLS-FT run, resumed from ``config.out`` when it has checkpoints."""
 
-    def __init__(self, config: ClassifierFinetuneConfig):
-        self.config = config
-
-    def __call__(self) -> dict:
-        from cpcluster import dist
-
-        dist.init(self.config.device)
-        try:
-            return run(self.config)
-        finally:
-            dist.shutdown()
-
-    def checkpoint(self, *args, **kwargs):
-        """On preemption/timeout submitit requeues the same config; the state comes back from disk, not memory."""
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(type(self)(self.config))
-
-    def __repr__(self) -> str:
-        return f"ClassifierFinetuneJob(out={self.config.out!r}, steps={self.config.steps})"
+    def run(self, config: ClassifierFinetuneConfig) -> dict:
+        return run(config)
 
 
 def learning_rate(config: ClassifierFinetuneConfig, step: int) -> float:

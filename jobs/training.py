@@ -42,6 +42,35 @@ class FinetuneTerminated(Terminated):
     """SIGTERM arrived: every rank stopped at the same step, after rank 0 wrote a checkpoint of it."""
 
 
+class TrainingJob:
+    """Base of the picklable submitit callables of the fine-tuning jobs: ``__call__`` runs ``self.run(config)`` on
+    every rank between :func:`cpcluster.dist.init` and ``shutdown``; ``checkpoint()`` resubmits the same config (on
+    preemption or timeout: the state comes back from disk, not memory)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def run(self, config) -> dict:
+        raise NotImplementedError
+
+    def __call__(self) -> dict:
+        from cpcluster import dist
+
+        dist.init(self.config.device)
+        try:
+            return self.run(self.config)
+        finally:
+            dist.shutdown()
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(type(self)(self.config))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(out={self.config.out!r}, steps={self.config.steps})"
+
+
 def derive_seed(seed: int, *key: int) -> int:
     """A 63-bit seed that is a function of ``(seed, *key)`` only (numpy SeedSequence spawn key)."""
     state = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in key)).generate_state(2, np.uint32)

@@ -13,8 +13,10 @@ import sys
 
 import pytest
 import torch
+from test_finetune_ddp import final_state, max_difference
 
-from cpcluster.aggregate.merge import finetuning_label, method_name
+from cpcluster.aggregate.finetuning import finetuning_label
+from cpcluster.aggregate.merge import method_name
 from cpcluster.config_evidence import ClassifierFinetuneConfig
 from cpcluster.errors import InputError
 from cpcluster.jobs import finetune_io
@@ -35,20 +37,11 @@ def config(out, **kw):
     return ClassifierFinetuneConfig(**{**base, **kw})
 
 
-def final_state(out):
-    return torch.load(finetune_io.list_checkpoints(str(out))[0][1], map_location="cpu", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("cls-ref")
     result = ClassifierFinetuneJob(config(out))()
-    return out, result, final_state(out)
+    return out, result, final_state(str(out))
 
 
 # ------------------------------------------------------------------------------------------------ config, schedule
@@ -155,7 +148,7 @@ def test_two_ranks_match_one_rank(tmp_path, reference):
     results = job.results()
     assert [(r["rank"], r["world_size"], r["step"]) for r in results] == [(0, 2, STEPS), (1, 2, STEPS)]
     assert results[0]["param_sha256"] == results[1]["param_sha256"]
-    two = final_state(tmp_path / "two")
+    two = final_state(str(tmp_path / "two"))
     assert max_difference(two["net"], ref["net"]) < TOLERANCE
     losses = lambda log: [r["loss"] for r in log if r["kind"] == "train"]  # noqa: E731
     assert losses(two["log"]) == pytest.approx(losses(ref["log"]), rel=1e-4)
@@ -165,12 +158,17 @@ SCRIPT = ("import json, sys; from cpcluster.config_evidence import ClassifierFin
           "from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob as J; J(C(**json.loads(sys.argv[1])))()")
 
 
+def run_in_a_process(cfg, fault: dict):
+    """The job in its own process with a fault-injection variable set (it kills or terminates itself)."""
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())], env={**os.environ, **fault},
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_sigkill_then_rerun_equals_the_uninterrupted_run(tmp_path, reference):
     _, ref_result, _ = reference
     out = tmp_path / "killed"
     cfg = config(out)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())],
-                          env={**os.environ, FAULT_KILL_ENV: "5"}, capture_output=True, text=True, timeout=300)
+    proc = run_in_a_process(cfg, {FAULT_KILL_ENV: "5"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [3]
     result = ClassifierFinetuneJob(cfg)()
@@ -184,8 +182,7 @@ def test_sigterm_stops_at_a_checkpointed_step_and_the_rerun_matches(tmp_path, re
     _, ref_result, _ = reference
     out = tmp_path / "terminated"
     cfg = config(out)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cfg.to_dict())],
-                          env={**os.environ, FAULT_TERM_ENV: "4"}, capture_output=True, text=True, timeout=300)
+    proc = run_in_a_process(cfg, {FAULT_TERM_ENV: "4"})
     assert proc.returncode == 1 and "FinetuneTerminated: stopped by SIGTERM after step 5 of 8" in proc.stderr, \
         proc.stderr[-2000:]
     assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [5, 3]  # step 5 is not on the schedule
