@@ -127,12 +127,8 @@ class CertifyConfig:
         if self.indices is not None:
             if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
                 raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
-        choices = {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
-                   "time_rule": ("nearest", "exact")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                flag = "--time" if name == "time_rule" else f"--{name}"
-                raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        check_choices(self, {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
+                             "time_rule": ("nearest", "exact")}, {"time_rule": "--time"})
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:
@@ -248,9 +244,7 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
         raise InputError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1)")
     if cfg.grad_clip < 0:
         raise InputError(f"--grad-clip {cfg.grad_clip}: must be 0 (off) or positive")
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    check_choices(cfg, choices)
     if not cfg.out:
         raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
     kind, _, value = cfg.purifier_label.partition(":")
@@ -258,3 +252,12 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
         raise InputError(f"--purifier-label {cfg.purifier_label!r}: use 'random' or 'fixed:K', e.g. fixed:0")
     if not 0 <= int(cfg.seed) < 2**63:
         raise InputError(f"--seed {cfg.seed}: must be in [0, 2**63)")
+
+
+def check_choices(cfg, choices: dict, flags: dict | None = None) -> None:
+    """:class:`InputError` naming the option when a field of ``cfg`` is not one of its ``choices[field]``; the option
+    is ``--field-name`` unless ``flags`` names it."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+            raise InputError(f"{flag} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")

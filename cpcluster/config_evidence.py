@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpcluster.config import TrainingConfig, check_training
+from cpcluster.config import TrainingConfig, check_choices, check_training
 from cpcluster.errors import InputError
 
 # ------------------------------------------------------------------------------------------ classifier fine-tuning
@@ -159,10 +159,8 @@ class QualityConfig:
                 raise InputError(f"--{name.replace('_', '-').replace('num-', '')} {value}: must be an integer >= {least}")
         if self.max_images is not None and self.max_images < 1:
             raise InputError(f"--max-images {self.max_images}: must be at least 1")
-        choices = {"lpips_net": ("vgg", "alex"), "time_rule": ("nearest", "exact"), "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        check_choices(self, {"lpips_net": ("vgg", "alex"), "time_rule": ("nearest", "exact"),
+                             "device": ("auto", "cpu", "cuda")}, {"time_rule": "--time"})
         if not self.run_dir:
             raise InputError("--out is required: a folder or fsspec URL for the quality shards")
 

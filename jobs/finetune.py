@@ -26,7 +26,7 @@ from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record, write_metrics
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneTerminated,  # noqa: F401
                                      Trainer, TrainingJob, derive_seed, digest, epoch_order, global_batch, rank_rows,
-                                     set_threads, step_draws)
+                                     rank_setup, step_draws)
 from cpcluster.shards import config_hash, join_url
 
 
@@ -116,12 +116,8 @@ def run(config: FinetuneConfig) -> dict:
     from cpcluster.models.purifiers import LabelPolicy
     from cpcluster.models.specs import load_classifier, load_denoiser
 
-    info, cfg = dist.info(), config
-    if cfg.batch_size % info.world_size:
-        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
-    set_threads(info)
-    device = torch.device(info.device)
-    amp = cfg.amp and device.type == "cuda"
+    cfg = config
+    info, device, amp = rank_setup(cfg)
 
     base = load_denoiser(cfg.model)
     if base.kind not in ("consistency", "edm"):

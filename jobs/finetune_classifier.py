@@ -27,7 +27,7 @@ from cpcluster.errors import InputError
 from cpcluster.jobs.finetune import check_specs, datasets
 from cpcluster.jobs.finetune_io import check_run_record, write_metrics
 from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, TrainingJob, derive_seed, global_batch, rank_rows,
-                                     set_threads, step_draws)
+                                     rank_setup, step_draws)
 from cpcluster.shards import config_hash, join_url
 
 
@@ -101,12 +101,8 @@ def run(config: ClassifierFinetuneConfig) -> dict:
     from cpcluster.models.purifiers import LabelPolicy
     from cpcluster.models.specs import load_classifier
 
-    info, cfg = dist.info(), config
-    if cfg.batch_size % info.world_size:
-        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
-    set_threads(info)
-    device = torch.device(info.device)
-    amp = cfg.amp and device.type == "cuda"
+    cfg = config
+    info, device, amp = rank_setup(cfg)
 
     base = load_classifier(cfg.classifier)
     purifiers, denoiser = frozen_purifiers(cfg, device)

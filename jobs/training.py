@@ -283,12 +283,21 @@ class Trainer:
                 "train_samples_per_s": float(np.median(self.speeds[1:] or self.speeds)) if self.speeds else None}
 
 
-def set_threads(info) -> None:
-    """On CPU ranks without ``OMP_NUM_THREADS``: the node's cores shared evenly among its ranks."""
+def rank_setup(config):
+    """``(dist info, torch device, bf16 autocast on?)`` of this rank, after checking that the global batch divides
+    over the ranks and sharing a CPU node's cores among its ranks (unless ``OMP_NUM_THREADS`` is set)."""
     import torch
 
+    from cpcluster import dist
+    from cpcluster.errors import InputError
+
+    info = dist.info()
+    if config.batch_size % info.world_size:
+        raise InputError(f"--batch-size {config.batch_size} is not divisible by the {info.world_size} ranks")
     if info.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    device = torch.device(info.device)
+    return info, device, config.amp and device.type == "cuda"
 
 
 def rank_rows(batch_size: int, info) -> slice:
