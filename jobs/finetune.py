@@ -23,11 +23,10 @@ import numpy as np
 from cpcluster.config import FinetuneConfig
 from cpcluster.errors import InputError
 from cpcluster.jobs.finetune_eval import Evaluator
-from cpcluster.jobs.finetune_io import check_run_record, write_metrics
+from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneTerminated,  # noqa: F401
                                      Trainer, TrainingJob, derive_seed, digest, epoch_order, global_batch, rank_rows,
                                      rank_setup, step_draws)
-from cpcluster.shards import config_hash, join_url
 
 
 class FinetuneJob(TrainingJob):
@@ -166,15 +165,8 @@ def run(config: FinetuneConfig) -> dict:
             loss = loss_fn(model(x_t, tim[choice].to(device), labels), x0).float().mean()
         return loss.detach(), trainer.optimizer_step(loss)
 
-    if not resumed:
-        evaluate(0)
-    trainer.loop(train_step, evaluate)
-
-    final = join_url(cfg.out, "final")
-    if dist.is_main():
-        if trainer.start >= cfg.steps:  # nothing left to train: refresh the exported files from the checkpoint
-            write_metrics(cfg.out, trainer.log)
+    def export(final, record):
         export_finetuned(final, trainer.exported.state_dict(), base, trainer.which, max(trainer.start, cfg.steps),
-                         cfg.to_dict(), {"run_hash": config_hash(cfg.run_dict()), "ema_decay": cfg.ema_decay,
-                                         "eval": [r for r in trainer.log if r.get("kind") == "eval"][-len(cfg.sigmas):]})
-    return trainer.summary(final)
+                         cfg.to_dict(), {**record, "ema_decay": cfg.ema_decay})
+
+    return trainer.run(train_step, evaluate, resumed, export)

@@ -25,10 +25,9 @@ import math
 from cpcluster.config_evidence import ClassifierFinetuneConfig
 from cpcluster.errors import InputError
 from cpcluster.jobs.finetune import check_specs, datasets
-from cpcluster.jobs.finetune_io import check_run_record, write_metrics
+from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, TrainingJob, derive_seed, global_batch, rank_rows,
                                      rank_setup, step_draws)
-from cpcluster.shards import config_hash, join_url
 
 
 class ClassifierFinetuneJob(TrainingJob):
@@ -159,18 +158,10 @@ def run(config: ClassifierFinetuneConfig) -> dict:
             loss = F.cross_entropy(model(purified.float()).float(), y)
         return loss.detach(), trainer.optimizer_step(loss)
 
-    if not resumed:
-        evaluate(0)
-    trainer.loop(train_step, evaluate)
-
-    final = join_url(cfg.out, "final")
-    if dist.is_main():
-        if trainer.start >= cfg.steps:
-            write_metrics(cfg.out, trainer.log)
+    def export(final, record):
         trained = {"denoiser": denoiser.describe() if denoiser is not None else None, "kind": cfg.purifier,
                    "sigmas": list(cfg.sigmas), "time_rule": cfg.time_rule, "steps": cfg.purifier_steps}
         export_finetuned_classifier(final, trainer.exported.state_dict(), base, trainer.which,
-                                    max(trainer.start, cfg.steps), cfg.to_dict(), trained,
-                                    {"run_hash": config_hash(cfg.run_dict()),
-                                     "eval": [r for r in trainer.log if r.get("kind") == "eval"][-len(cfg.sigmas):]})
-    return trainer.summary(final)
+                                    max(trainer.start, cfg.steps), cfg.to_dict(), trained, record)
+
+    return trainer.run(train_step, evaluate, resumed, export)

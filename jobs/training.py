@@ -269,6 +269,25 @@ class Trainer:
                                              "written; rerun the same command (or let SLURM requeue it) to continue")
                 _fault_injection(k, info.rank)
 
+    def run(self, train_step: Callable[[int], tuple], evaluate: Callable[[int], None], resumed: bool,
+            export: Callable[[str, dict], None]) -> dict:
+        """Evaluate step 0 (a fresh run), :meth:`loop`, then on rank 0 ``export(final folder, record)`` with the
+        record every export carries (run hash, the last evaluation); returns :meth:`summary`."""
+        from cpcluster import dist
+        from cpcluster.jobs.finetune_io import write_metrics
+        from cpcluster.shards import config_hash, join_url
+
+        if not resumed:
+            evaluate(0)
+        self.loop(train_step, evaluate)
+        final = join_url(self.cfg.out, "final")
+        if dist.is_main():
+            if self.start >= self.cfg.steps:  # nothing left to train: refresh the exported files from the checkpoint
+                write_metrics(self.cfg.out, self.log)
+            evals = [r for r in self.log if r.get("kind") == "eval"][-len(self.cfg.sigmas):]
+            export(final, {"run_hash": config_hash(self.run_dict), "eval": evals})
+        return self.summary(final)
+
     def summary(self, final: str) -> dict:
         """This rank's result: steps, attempt, weight digests of every rank (all ranks call it), speed."""
         from cpcluster import dist
