@@ -114,7 +114,7 @@ def run_grid(plan, root: str, final: str, echo: Callable) -> str:
     from cpcluster.cli.grid_cmd import grid
 
     png = os.path.join(root, "grid.png")
-    _cli(grid, ["--purifier", "none", "--purifier", "demo=consistency:demo", "--purifier",
+    _cli(grid, ["--purifier", "demo=consistency:demo", "--purifier",
                 f"finetuned=consistency:finetuned:{final}", "--sigma", f"{plan.evidence.sigma:g}", "--indices",
                 plan.evidence.grid_indices, "--out", png], echo, "grid")
     return png
