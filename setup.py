@@ -48,7 +48,8 @@ setup(
         "diffusers": ["diffusers>=0.25"],
         "timm": ["timm>=0.9"],
         "convert": ["msgpack>=1.0"],  # cpcluster convert flax-ncsnpp (Flax checkpoints, read without jax)
-        "test": ["pytest>=7", "hypothesis>=6", "statsmodels>=0.14"],
+        "quality": ["torch-fidelity>=0.3"],  # cpcluster quality: FID's Inception network
+        "test": ["pytest>=7", "hypothesis>=6", "statsmodels>=0.14", "pot>=0.9"],  # pot: the transport reference
     },
     entry_points={"console_scripts": ["cpcluster=cpcluster.cli:main"]},
 )

@@ -19,6 +19,8 @@ import hashlib
 import json
 from typing import Mapping
 
+from cpcluster.aggregate.finetuning import finetuning_label
+
 # Purifier parameters that tell methods apart in the readable name.
 NAME_KEYS = ("time_rule", "steps", "solver", "label_policy")
 NAME_DEFAULTS = {"time_rule": "nearest"}
@@ -36,21 +38,24 @@ def method_name(config: dict) -> str:
     """Readable method name from ``config["purifier"]`` and ``config["denoiser"]``.
 
     ``"none"`` for the identity purifier; else ``"kind(denoiser spec[, key=value ...])"`` with the non-default
-    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``.
-    Raises ValueError when the config has no purifier kind.
+    values of :data:`NAME_KEYS`, e.g. ``"consistency(demo)"`` or ``"pf-ode(edm:/ckpt/x.pkl, steps=4)"``; then
+    :func:`~cpcluster.aggregate.finetuning.finetuning_label` in brackets when anything was fine-tuned, e.g.
+    ``"consistency(demo) [CLS-FT: SPEC]"``. Raises ValueError when the config has no purifier kind.
     """
     pur = config.get("purifier")
     kind = pur.get("kind") if isinstance(pur, dict) else pur
     if not isinstance(kind, str) or not kind:
         raise ValueError("config key 'purifier' must be an object with a 'kind' string")
+    label = finetuning_label(config)
+    suffix = f" [{label}]" if label else ""
     if kind == "none":
-        return "none"
+        return "none" + suffix
     den = config.get("denoiser")
     spec = den.get("spec") if isinstance(den, dict) else den
     parts = [str(spec)] if spec else []
     if isinstance(pur, dict):
         parts += [f"{k}={pur[k]}" for k in NAME_KEYS if pur.get(k) not in (None, NAME_DEFAULTS.get(k))]
-    return f"{kind}({', '.join(parts)})" if parts else kind
+    return (f"{kind}({', '.join(parts)})" if parts else kind) + suffix
 
 
 def identity(config: dict) -> dict:

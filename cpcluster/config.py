@@ -162,12 +162,8 @@ class CertifyConfig:
         if self.indices is not None:
             if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
                 raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
-        choices = {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
-                   "time_rule": ("nearest", "exact")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                flag = "--time" if name == "time_rule" else f"--{name}"
-                raise InputError(f"{flag} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        check_choices(self, {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
+                             "time_rule": ("nearest", "exact")}, {"time_rule": "--time"})
         if self.early_stop is not None:
             if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, (int, float)) or \
                     not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
@@ -206,8 +202,22 @@ FINETUNE_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", "s
                                   "checkpoint_every", "keep_checkpoints", "eval_batch", "classifier"})
 
 
+class TrainingConfig:
+    """What the fine-tuning configs share (a mixin of the frozen dataclasses below and in ``config_evidence``)."""
+
+    @property
+    def world_size(self) -> int:
+        return int(self.nodes) * int(self.ranks_per_node)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict of every field (sigmas as a list)."""
+        d = dataclasses.asdict(self)
+        d["sigmas"] = list(self.sigmas)
+        return d
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(TrainingConfig):
     """One consistency fine-tuning run (DESIGN.md section 1, ``jobs/finetune.py``).
 
     Loss ``E_{x, s ~ U{sigmas}, z} loss(x, D(x + 2 s z, t_s))`` in model space [-1, 1]; ``sigmas`` are pixel-space
@@ -245,49 +255,51 @@ class FinetuneConfig:
     amp: bool = True  # bf16 autocast, on CUDA only
 
     def __post_init__(self):
-        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
-        bad = [s for s in self.sigmas if not 0 < s < math.inf]
-        if not self.sigmas or bad:
-            raise InputError(f"--sigmas {','.join(map(str, self.sigmas)) or '(empty)'}: "
-                             f"{'%g is not positive (or not finite); ' % bad[0] if bad else ''}give one or more "
-                             "positive pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
-        for name in ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("eval_images", "eval_every", "lpips_resize"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        if self.batch_size % self.world_size:
-            raise InputError(f"--batch-size {self.batch_size} is not divisible by the {self.world_size} ranks "
-                             f"({self.nodes} nodes x {self.ranks_per_node}); use a multiple of {self.world_size}")
-        if not 0 < self.lr < math.inf:  # also refuses NaN
-            raise InputError(f"--lr {self.lr}: must be a positive finite number, e.g. 1e-4")
-        if not 0 <= self.ema_decay < 1:
-            raise InputError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
-        if not 0 <= self.grad_clip < math.inf:
-            raise InputError(f"--grad-clip {self.grad_clip}: must be 0 (off) or a positive finite number")
-        choices = {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        if not self.out:
-            raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
-        check_label_policy(self.purifier_label)
-        if not 0 <= int(self.seed) < 2**63:
-            raise InputError(f"--seed {self.seed}: must be in [0, 2**63)")
-
-    @property
-    def world_size(self) -> int:
-        return int(self.nodes) * int(self.ranks_per_node)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field (sigmas as a list)."""
-        d = dataclasses.asdict(self)
-        d["sigmas"] = list(self.sigmas)
-        return d
+        check_training(self, ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
+                              "keep_checkpoints", "log_every"), ("eval_images", "eval_every", "lpips_resize"),
+                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
+                        "device": ("auto", "cpu", "cuda")})
 
     def run_dict(self) -> dict:
         """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
         return {k: v for k, v in self.to_dict().items() if k not in FINETUNE_RESUME_FREE}
+
+
+def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> None:
+    """The validation the fine-tuning configs share; normalises ``cfg.sigmas`` to floats. :class:`InputError`."""
+    object.__setattr__(cfg, "sigmas", tuple(float(s) for s in cfg.sigmas))
+    bad = [s for s in cfg.sigmas if not 0 < s < math.inf]
+    if not cfg.sigmas or bad:
+        raise InputError(f"--sigmas {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
+                         f"{'%g is not positive (or not finite); ' % bad[0] if bad else ''}give one or more "
+                         "positive pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+    for name in positive:
+        if int(getattr(cfg, name)) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    for name in non_negative:
+        if int(getattr(cfg, name)) < 0:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be 0 or more")
+    if cfg.batch_size % cfg.world_size:
+        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {cfg.world_size} ranks "
+                         f"({cfg.nodes} nodes x {cfg.ranks_per_node}); use a multiple of {cfg.world_size}")
+    if not 0 < cfg.lr < math.inf:  # also refuses NaN
+        raise InputError(f"--lr {cfg.lr}: must be a positive finite number, e.g. 1e-4")
+    if not 0 <= cfg.ema_decay < 1:
+        raise InputError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1)")
+    if not 0 <= cfg.grad_clip < math.inf:
+        raise InputError(f"--grad-clip {cfg.grad_clip}: must be 0 (off) or a positive finite number")
+    check_choices(cfg, choices)
+    if not cfg.out:
+        raise InputError("--out is required: a folder or fsspec URL for checkpoints and the result")
+    check_label_policy(cfg.purifier_label)
+    if not 0 <= int(cfg.seed) < 2**63:
+        raise InputError(f"--seed {cfg.seed}: must be in [0, 2**63)")
+
+
+def check_choices(cfg, choices: dict, flags: dict | None = None) -> None:
+    """:class:`InputError` naming the option when a field of ``cfg`` is not one of its ``choices[field]``; the option
+    is ``--field-name`` unless ``flags`` names it."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+            raise InputError(f"{flag} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")

@@ -59,13 +59,10 @@ def load_models(config: CertifyConfig) -> Models:
 
 def build_purifier(config: CertifyConfig, models: Models):
     """The run's purifier at ``config.sigma`` (pixel space) from the options of ``config``."""
-    from cpcluster.models.purifiers import LabelPolicy
-    from cpcluster.models.purifiers import build_purifier as build
+    from cpcluster.models.purifiers import configured_purifier
 
-    options = {"time_rule": config.time_rule, "label_policy": LabelPolicy(config.purifier_label)}
-    if config.steps is not None:
-        options["steps"] = config.steps
-    return build(config.purifier, models.denoiser, config.sigma, **options)
+    return configured_purifier(config.purifier, models.denoiser, config.sigma, config.time_rule,
+                               config.purifier_label, config.steps)
 
 
 def shard_config(config: CertifyConfig, models: Models, purifier) -> dict:

@@ -404,11 +404,11 @@ def unplanned_units(units: np.ndarray, planned: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isin(got, want))
 
 
-def expand_paths(patterns: Iterable[str]) -> list[str]:
+def expand_paths(patterns: Iterable[str], shard_glob: str = SHARD_GLOB) -> list[str]:
     """Expand local paths, globs and fsspec URLs into a sorted list of shard file URLs.
 
-    A directory stands for the shard files in it. Raises :class:`InputError` for a glob that matches nothing or
-    a path that does not exist.
+    A directory stands for the shard files in it (``shard_glob``: certify's by default). Raises
+    :class:`InputError` for a glob that matches nothing or a path that does not exist.
     """
     out: list[str] = []
     for pattern in patterns:
@@ -420,9 +420,9 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
         elif not fs.exists(path):
             raise InputError(f"{pattern}: no such file or directory")
         elif fs.isdir(path):
-            found = sorted(fs.glob(path.rstrip("/") + "/" + SHARD_GLOB))
+            found = sorted(fs.glob(path.rstrip("/") + "/" + shard_glob))
             if not found:
-                raise InputError(f"{pattern}: the directory holds no {SHARD_GLOB} files")
+                raise InputError(f"{pattern}: the directory holds no {shard_glob} files")
         else:
             found = [path]
         for p in found:

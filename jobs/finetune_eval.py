@@ -8,6 +8,9 @@ certification uses, and we report per sigma
 * ``l2``: mean Euclidean distance ``||purified - clean||_2`` in pixel space [0, 1] (the norm of the radii);
 * ``acc``: accuracy of ``classifier(purified)`` when a classifier is given (else None).
 
+The classifier job (``jobs/finetune_classifier.py``) uses the same :class:`HeldOut` images and noise with its frozen
+purifier, reporting the accuracy of the classifier being trained (and L2; LPIPS is None there).
+
 The evaluation noise is fixed for the whole run: batch ``j`` of sigma ``i`` draws from a generator seeded by
 ``(seed, EVAL_STREAM, i, j)``, so the curves compare weights, not noise, and do not depend on the world size
 (batch ``j`` runs on rank ``j % world_size``; sums are all-reduced).
@@ -20,21 +23,83 @@ import numpy as np
 import torch
 
 from cpcluster import dist
+from cpcluster.jobs.training import EVAL_STREAM, NOISE_STREAM, TRAIN_STREAM, derive_seed  # noqa: F401 (re-exported)
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import LabelPolicy, build_purifier
 
-TRAIN_STREAM, NOISE_STREAM, EVAL_STREAM = 0, 1, 2
 
+class HeldOut:
+    """Purified-vs-clean metrics per sigma on fixed held-out images ``dataset[indices]`` with fixed noise.
 
-def derive_seed(seed: int, *key: int) -> int:
-    """A 63-bit seed that is a function of ``(seed, *key)`` only (numpy SeedSequence spawn key)."""
-    state = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in key)).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
+    Parameters
+    ----------
+    sigmas, seed, eval_batch : the run's pixel-space sigmas, seed and evaluation batch size.
+    dataset, indices : an ``ImageDataset`` and the (E,) held-out image indices into it.
+    """
+
+    def __init__(self, sigmas, seed: int, eval_batch: int, dataset, indices, device: str = "cpu",
+                 autocast: bool = False):
+        self.sigmas, self.seed, self.eval_batch = tuple(sigmas), int(seed), int(eval_batch)
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.device = torch.device(device)
+        self.autocast = autocast
+
+    def batches(self) -> list[tuple[int, np.ndarray]]:
+        """``[(j, image indices of global batch j), ...]`` for the batches this rank evaluates."""
+        size = self.eval_batch
+        starts = range(0, len(self.indices), size)
+        return [(j, self.indices[s:s + size]) for j, s in enumerate(starts) if j % dist.world_size() == dist.rank()]
+
+    @torch.no_grad()
+    def measure(self, purifiers, classifier=None, perceptual=None) -> torch.Tensor:
+        """(S, 4) float64 sums over every rank's images of (LPIPS, L2, correct, images) per sigma.
+
+        ``purifiers[i]`` purifies at ``sigmas[i]`` (pixel space in and out); ``classifier``: pixel-space images ->
+        logits, or None; ``perceptual``: a ``PerceptualLoss`` (model space in, (B,) out) or None (LPIPS sums 0).
+        """
+        sums = torch.zeros(len(self.sigmas), 4, dtype=torch.float64, device=self.device)
+        for i, (sigma, purifier) in enumerate(zip(self.sigmas, purifiers)):
+            for j, idx in self.batches():
+                x, labels = self.dataset.get(idx)
+                x = torch.from_numpy(x)
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, EVAL_STREAM, i, j))
+                noisy = (x + sigma * torch.randn(x.shape, generator=gen)).to(self.device)
+                x = x.to(self.device)
+                label_gen = torch.Generator(device=self.device).manual_seed(
+                    derive_seed(self.seed, EVAL_STREAM, i, j, 1))
+                lp, correct = None, 0
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    purified = purifier(noisy, label_gen).float()
+                    if perceptual is not None:
+                        lp = perceptual(pixel_to_model(purified), pixel_to_model(x)).float()
+                    if classifier is not None:
+                        pred = classifier(purified).argmax(1).cpu()
+                        correct = int((pred == torch.from_numpy(labels)).sum())
+                if lp is not None:
+                    sums[i, 0] += lp.double().sum()
+                sums[i, 1] += (purified - x).flatten(1).double().norm(dim=1).sum()
+                sums[i, 2] += correct
+                sums[i, 3] += len(idx)
+        return dist.all_reduce_sum(sums)
+
+    def records(self, sums, step: int, which: str, purifiers, lpips: bool, acc: bool) -> list[dict]:
+        """One ``"eval"`` record per sigma from :meth:`measure`'s sums (``lpips`` / ``acc``: whether measured)."""
+        records = []
+        for i, sigma in enumerate(self.sigmas):
+            n = max(float(sums[i, 3]), 1.0)
+            records.append({
+                "kind": "eval", "step": int(step), "sigma": float(sigma), "weights": which,
+                "t_sigma": purifiers[i].describe().get("t_sigma"),
+                "lpips": float(sums[i, 0]) / n if lpips else None, "l2": float(sums[i, 1]) / n,
+                "acc": float(sums[i, 2]) / n if acc else None, "images": int(sums[i, 3]),
+            })
+        return records
 
 
 class Evaluator:
-    """Purified-vs-clean metrics per sigma on the held-out images ``dataset[indices]``.
+    """The purifier job's held-out evaluation: the network being trained purifies, LPIPS / L2 / accuracy per sigma.
 
     Parameters
     ----------
@@ -48,61 +113,22 @@ class Evaluator:
     def __init__(self, config, dataset, indices, perceptual, base: LoadedDenoiser, classifier=None,
                  device: str = "cpu", autocast: bool = False):
         self.config = config
-        self.dataset = dataset
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.held = HeldOut(config.sigmas, config.seed, config.eval_batch, dataset, indices, device, autocast)
         self.perceptual = perceptual
         self.base = base
         self.classifier = classifier.module.to(device).eval() if classifier is not None else None
-        self.device = torch.device(device)
-        self.autocast = autocast
 
-    def batches(self) -> list[tuple[int, np.ndarray]]:
-        """``[(j, image indices of global batch j), ...]`` for the batches this rank evaluates."""
-        size = self.config.eval_batch
-        starts = range(0, len(self.indices), size)
-        return [(j, self.indices[s:s + size]) for j, s in enumerate(starts) if j % dist.world_size() == dist.rank()]
-
-    @torch.no_grad()
     def __call__(self, module: torch.nn.Module, step: int, which: str) -> list[dict]:
         """Evaluate ``module`` (the raw network F, model space) at every sigma; one record per sigma (all ranks)."""
         was_training = module.training
         module.eval()
         denoiser = LoadedDenoiser(module, self.base.kind, self.base.meta, self.base.spec, self.base.sha256)
-        sums = torch.zeros(len(self.config.sigmas), 4, dtype=torch.float64, device=self.device)
-        for i, sigma in enumerate(self.config.sigmas):
-            purifier = build_purifier("consistency", denoiser, sigma, time_rule=self.config.time_rule,
-                                      label_policy=LabelPolicy(self.config.purifier_label))
-            for j, idx in self.batches():
-                x, labels = self.dataset.get(idx)
-                x = torch.from_numpy(x)
-                gen = torch.Generator().manual_seed(derive_seed(self.config.seed, EVAL_STREAM, i, j))
-                noisy = (x + sigma * torch.randn(x.shape, generator=gen)).to(self.device)
-                x = x.to(self.device)
-                label_gen = torch.Generator(device=self.device).manual_seed(
-                    derive_seed(self.config.seed, EVAL_STREAM, i, j, 1))
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    purified = purifier(noisy, label_gen).float()
-                    lp = self.perceptual(pixel_to_model(purified), pixel_to_model(x)).float()
-                    correct = 0
-                    if self.classifier is not None:
-                        pred = self.classifier(purified).argmax(1).cpu()
-                        correct = int((pred == torch.from_numpy(labels)).sum())
-                sums[i, 0] += lp.double().sum()
-                sums[i, 1] += (purified - x).flatten(1).double().norm(dim=1).sum()
-                sums[i, 2] += correct
-                sums[i, 3] += len(idx)
-        dist.all_reduce_sum(sums)
+        purifiers = [build_purifier("consistency", denoiser, sigma, time_rule=self.config.time_rule,
+                                    label_policy=LabelPolicy(self.config.purifier_label))
+                     for sigma in self.config.sigmas]
+        sums = self.held.measure(purifiers, self.classifier, self.perceptual)
         module.train(was_training)
-        records = []
-        for i, sigma in enumerate(self.config.sigmas):
-            n = max(float(sums[i, 3]), 1.0)
-            records.append({
-                "kind": "eval", "step": int(step), "sigma": float(sigma), "weights": which,
-                "t_sigma": build_purifier("consistency", denoiser, sigma, time_rule=self.config.time_rule).t,
-                "lpips": float(sums[i, 0]) / n, "l2": float(sums[i, 1]) / n,
-                "acc": float(sums[i, 2]) / n if self.classifier is not None else None, "images": int(sums[i, 3]),
-            })
-        return records
+        return self.held.records(sums, step, which, purifiers, lpips=True, acc=self.classifier is not None)
 
 
 def plot_curves(records: list[dict], url: str) -> None:
@@ -114,12 +140,11 @@ def plot_curves(records: list[dict], url: str) -> None:
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     panels = [("loss", "training loss (global batch)"), ("lpips", "held-out LPIPS(purified, clean)"),
-              ("l2", "held-out L2(purified, clean), pixel space")]
-    if any(r.get("acc") is not None for r in evals):
-        panels.append(("acc", "held-out accuracy of classifier(purified)"))
+              ("l2", "held-out L2(purified, clean), pixel space"), ("acc", "held-out accuracy of classifier(purified)")]
+    panels = [p for p in panels if p[0] == "loss" or any(r.get(p[0]) is not None for r in evals)]
     fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.15, "top": 0.9,
-                                                     "wspace": 0.28})
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.15,
+                                                                    "top": 0.9, "wspace": 0.28})[0]
     for ax, (key, title) in zip(axes, panels):
         if key == "loss":
             ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)

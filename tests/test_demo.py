@@ -25,8 +25,11 @@ def test_quick_demo_writes_table_png_and_summary(quick):
     summary = json.loads((agg / "summary.json").read_text())
     groups = summary["groups"]
     final = os.path.join(str(out), "quick", "finetune", "final")
-    methods = {"none", "consistency(demo)", f"consistency(finetuned:{final})"}
-    assert {(g["method"], g["sigma"]) for g in groups} == {(m, s) for m in methods for s in (0.25, 0.5, 1.0)}
+    methods = {"none", "consistency(demo)", f"consistency(finetuned:{final}) [DM-FT]"}
+    cls = {f"consistency(demo) [CLS-FT: finetuned:{out}/quick/cls-ft/final]",
+           f"consistency(finetuned:{final}) [DM-FT + CLS-FT: finetuned:{out}/quick/both/final]"}
+    assert {(g["method"], g["sigma"]) for g in groups} == \
+        {(m, s) for m in methods for s in (0.25, 0.5, 1.0)} | {(m, 1.0) for m in cls}
     assert all(g["images_evaluated"] == QUICK.max_images and g["n0"] == QUICK.n0 and g["n"] == QUICK.n for g in groups)
     assert summary["alpha"] == QUICK.alpha
     # every run was cut into the planned number of shards, all complete
@@ -36,8 +39,16 @@ def test_quick_demo_writes_table_png_and_summary(quick):
             assert len(list(run.glob(f"shard-*-of-{QUICK.shards:05d}.h5"))) == QUICK.shards
     table = (agg / "table.md").read_text()
     assert table.strip() in result.output and "best over sigma" in table
-    for m in methods:
+    for m in methods | cls:
         assert m in table
+    # the classifiers were fine-tuned behind the purifier before (CLS-FT) and after (both) LPIPS fine-tuning
+    both = json.loads((out / "quick" / "both" / "final" / "cpcluster.json").read_text())
+    assert both["purifier"]["denoiser"]["spec"] == f"finetuned:{final}" and both["step"] == QUICK.evidence.cls_ft["steps"]
+    # the quality table and the grid
+    quality = (out / "quick" / "quality" / "report" / "quality-demo-digits-test.md").read_text()
+    assert quality.strip() in result.output and "| clean " in quality and "| none " in quality
+    assert (out / "quick" / "grid.png").read_bytes()[:4] == b"\x89PNG" and (out / "quick" / "grid.npz").exists()
+    assert "RANDOMLY INITIALISED InceptionV3" in result.output
     # the fine-tuning really ran: its exported weights differ from the base, and it started from `demo`
     meta = json.loads((out / "quick" / "finetune" / "final" / "cpcluster.json").read_text())
     assert meta["finetuned"]["base"] == "demo" and meta["finetuned"]["step"] == QUICK.finetune["steps"]
@@ -48,7 +59,7 @@ def test_quick_demo_writes_table_png_and_summary(quick):
     after = load_denoiser(f"finetuned:{final}").module.state_dict()
     assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
     # the output says loudly that LPIPS used a random trunk, and shows the commands it ran
-    assert result.output.count("RANDOMLY INITIALISED") >= 1 and "randomly initialised trunk" in result.output
+    assert result.output.count("RANDOMLY INITIALISED") >= 2 and "Inception network ran with random weights" in result.output
     assert "$ cpcluster certify --purifier none" in result.output and "$ cpcluster aggregate" in result.output
     assert "held-out check" in result.output and "wall time" in result.output
 
@@ -61,7 +72,8 @@ def test_rerun_reuses_finished_work(quick):
     again = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output
     assert "reusing the finished fine-tuning" in again.output
-    assert again.output.count(f"resume, {QUICK.shards} of {QUICK.shards} shards complete") == 9
+    assert again.output.count(f"resume, {QUICK.shards} of {QUICK.shards} shards complete") == 11
+    assert again.output.count("reusing the finished fine-tuning") == 3 and "1 of 1 shards complete" in again.output
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # no shard rewritten
     assert (out / "quick" / "aggregate" / "summary.json").read_text() == summary
 
@@ -116,4 +128,11 @@ def test_presets_are_valid_certify_and_finetune_settings(tmp_path):
         args = certify_args(plan, str(tmp_path), METHODS[2], "final", 2)
         assert args[:2] == ["--denoiser", "finetuned:final"] and args.count("--sigma") == 3
         assert int(args[args.index("--block-size") + 1]) % plan.draw_batch == 0
-    assert label("consistency(finetuned:x/final)") == "after fine-tuning" and label("none") == "no purifier"
+    assert label("consistency(finetuned:x/final) [DM-FT]") == "after fine-tuning (DM-FT)"
+    assert label("none") == "no purifier" and label("consistency(demo) [CLS-FT: finetuned:c]").endswith("(CLS-FT)")
+    assert label("consistency(finetuned:x) [DM-FT + CLS-FT: finetuned:b]") == "both (DM-FT + CLS-FT)"
+    from cpcluster.demo.evidence import cls_config
+
+    for plan in (FULL, QUICK):
+        cfg = cls_config(plan, str(tmp_path), "both", "finetuned:x")
+        assert cfg.sigmas == (plan.evidence.sigma,) and cfg.classifier == "demo" and cfg.denoiser == "finetuned:x"

@@ -202,6 +202,10 @@ def test_preflight_checks_before_submitting(tmp_path, monkeypatch):
         preflight(tiny(tmp_path, data="npz:/no/such/train.npz"))
     with pytest.raises(InputError, match="--model 'nope:x': unknown kind"):
         preflight(tiny(tmp_path, model="nope:x"))
+    (tmp_path / "cifar").mkdir()
+    preflight(tiny(tmp_path, data=f"cifar10:{tmp_path / 'cifar'}?split=train"))  # options are not part of the path
+    with pytest.raises(InputError, match=f"{tmp_path / 'nothing'} does not exist"):
+        preflight(tiny(tmp_path, data=f"cifar10:{tmp_path / 'nothing'}?split=train"))
 
 
 def test_export_of_a_python_network_names_the_spec_to_type_and_never_imports_it(tmp_path, monkeypatch):

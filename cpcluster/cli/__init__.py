@@ -18,10 +18,14 @@ COMMANDS = {
     "certify": "cpcluster.cli.certify_cmd:certify",
     "inspect": "cpcluster.cli.inspect_cmd:inspect_cmd",
     "finetune": "cpcluster.cli.finetune_cmd:finetune",
+    "finetune-classifier": "cpcluster.cli.finetune_classifier_cmd:finetune_classifier",
     "status": "cpcluster.cli.status_cmd:status",
     "resubmit": "cpcluster.cli.status_cmd:resubmit",
     "demo": "cpcluster.cli.demo_cmd:demo",
+    "quality": "cpcluster.cli.quality_cmd:quality",
+    "quality-report": "cpcluster.cli.quality_cmd:quality_report",
     "convert": "cpcluster.cli.convert_cmd:convert",
+    "grid": "cpcluster.cli.grid_cmd:grid",
 }
 
 

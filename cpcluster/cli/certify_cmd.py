@@ -69,6 +69,25 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
     return configs
 
 
+def shard_submit_options(fn):
+    """The options that say where sharded array jobs run (shared by ``certify`` and ``quality``)."""
+    options = [
+        click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
+                     help="auto = slurm when reachable, else local."),
+        click.option("--workers", type=int, default=None,
+                     help="Local executor: shards at once [default: one per GPU, or 1 on a CPU-only machine]."),
+        click.option("--partition", default=None, help="SLURM partition."),
+        click.option("--account", default=None, help="SLURM account."),
+        click.option("--time-min", type=int, default=240, show_default=True, help="SLURM time limit per shard job."),
+        click.option("--array-parallelism", type=int, default=None, help="SLURM: at most this many shards at once."),
+        click.option("--sbatch", "sbatch_extra", multiple=True, metavar="KEY=VALUE",
+                     help="Extra sbatch option (repeat)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--sigma", "sigmas", type=float, multiple=True, metavar="SIGMA",
               help="Pixel-space noise level (images in [0,1]); repeat for one run per sigma. Required.")
@@ -109,15 +128,7 @@ def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
 @click.option("--out", default="results", show_default=True, metavar="DIR", help="Results folder or fsspec URL.")
 @click.option("--name", default=DEFAULT_NAME, show_default=True,
               help="Run folder name under --out; placeholders {sigma} {mode} {purifier} {seed} {n}.")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="auto", show_default=True,
-              help="auto = slurm when reachable, else local.")
-@click.option("--workers", type=int, default=None,
-              help="Local executor: shards at once [default: one per GPU, or 1 on a CPU-only machine].")
-@click.option("--partition", default=None, help="SLURM partition.")
-@click.option("--account", default=None, help="SLURM account.")
-@click.option("--time-min", type=int, default=240, show_default=True, help="SLURM time limit per shard job.")
-@click.option("--array-parallelism", type=int, default=None, help="SLURM: at most this many shards at once.")
-@click.option("--sbatch", "sbatch_extra", multiple=True, metavar="KEY=VALUE", help="Extra sbatch option (repeat).")
+@shard_submit_options
 @click.option("--dry-run", is_flag=True, help="Print the plan and an estimated cost; write and submit nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder holding another configuration.")
 def certify(sigmas, shards, out, name, executor, workers, partition, account, time_min, array_parallelism,
@@ -302,12 +313,16 @@ def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
 
 def slurm_options(resolved, slurm: dict):
     """The :class:`~cpcluster.slurm.SlurmOptions` of the shard jobs (one GPU each unless ``--device cpu``)."""
+    return array_slurm_options(resolved[0].config.device, slurm, "cpcluster-certify")
+
+
+def array_slurm_options(device: str, slurm: dict, job_name: str):
+    """SlurmOptions of array shard jobs from :func:`shard_submit_options`' values: one GPU each unless CPU."""
     from cpcluster.slurm import SlurmOptions, parse_sbatch_options
 
-    gpus = None if resolved[0].config.device == "cpu" else 1
     return SlurmOptions(partition=slurm["partition"], account=slurm["account"], time_min=slurm["time_min"],
-                        gpus_per_node=gpus, array_parallelism=slurm["array_parallelism"],
-                        extra=parse_sbatch_options(slurm["sbatch_extra"]), job_name="cpcluster-certify")
+                        gpus_per_node=None if device == "cpu" else 1, array_parallelism=slurm["array_parallelism"],
+                        extra=parse_sbatch_options(slurm["sbatch_extra"]), job_name=job_name)
 
 
 def _submit(resolved, tasks, slurm: dict) -> None:

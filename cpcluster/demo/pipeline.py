@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cpcluster.demo.evidence import EvidencePlan
 from cpcluster.errors import InputError
 
 # (run-name prefix, what it is, certify options naming the purifier)
@@ -48,17 +49,24 @@ class DemoPlan:
     batch: int = 400
     radii: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
+    evidence: EvidencePlan = field(default_factory=EvidencePlan)  # CLS-FT, quality, grid (cpcluster/demo/evidence.py)
 
 
 FINETUNE_COMMON = dict(model="demo", data="demo:train", eval_data="demo", loss="lpips", lpips_net="alex",
                        lpips_resize=64, lpips_random_backbone=True, classifier="demo", eval_every=0,
                        keep_checkpoints=1, device="cpu")
+CLS_FT_COMMON = dict(classifier="demo", data="demo:train", eval_data="demo", optimizer="radam", lr=1e-3,
+                     eval_every=0, keep_checkpoints=1, device="cpu")
 FULL = DemoPlan("full", skip=5, n0=100, n=500, shards=3,
                 finetune=dict(FINETUNE_COMMON, steps=300, batch_size=32, lr=1e-3, ema_decay=0.99, eval_images=250,
-                              eval_batch=125, ranks_per_node=2))
+                              eval_batch=125, ranks_per_node=2),
+                evidence=EvidencePlan(cls_ft=dict(CLS_FT_COMMON, steps=60, batch_size=32, eval_images=250,
+                                                  eval_batch=125), quality_skip=10, quality_images=32))
 QUICK = DemoPlan("quick", skip=100, max_images=3, n0=20, n=100, shards=2, batch=100,
                  finetune=dict(FINETUNE_COMMON, steps=4, batch_size=8, lr=1e-3, ema_decay=0.5, eval_images=16,
-                               lpips_resize=32))
+                               lpips_resize=32),
+                 evidence=EvidencePlan(cls_ft=dict(CLS_FT_COMMON, steps=4, batch_size=8, eval_images=16),
+                                       quality_skip=100, quality_images=4, grid_indices="0-3"))
 PRESETS = {"full": FULL, "quick": QUICK}
 
 
@@ -70,15 +78,16 @@ def finetune_config(plan: DemoPlan, root: str):
                           log_every=max(1, steps // 20), **plan.finetune)
 
 
-def certify_args(plan: DemoPlan, root: str, method: tuple, final: str, workers: int) -> list[str]:
-    """The ``cpcluster certify`` arguments of one purifier's three runs (one per sigma)."""
+def certify_args(plan: DemoPlan, root: str, method: tuple, final: str, workers: int, sigmas=None,
+                 classifier: str = "demo", shards: int | None = None) -> list[str]:
+    """The ``cpcluster certify`` arguments of one purifier's runs (one per sigma, default: the plan's)."""
     prefix, _, purifier = method
     args = [a.format(final=final) for a in purifier]
-    for s in plan.sigmas:
+    for s in sigmas or plan.sigmas:
         args += ["--sigma", f"{s:g}"]
-    args += ["--dataset", "demo", "--classifier", "demo", "--skip", str(plan.skip), "--n0", str(plan.n0),
+    args += ["--dataset", "demo", "--classifier", classifier, "--skip", str(plan.skip), "--n0", str(plan.n0),
              "--n", str(plan.n), "--block-size", str(_block(plan)), "--draw-batch", str(plan.draw_batch),
-             "--batch", str(plan.batch), "--shards", str(plan.shards), "--device", "cpu", "--executor", "local",
+             "--batch", str(plan.batch), "--shards", str(shards or plan.shards), "--device", "cpu", "--executor", "local",
              "--workers", str(workers), "--out", os.path.join(root, "certify"), "--name", f"{prefix}-sigma{{sigma}}"]
     if plan.max_images is not None:
         args += ["--max-images", str(plan.max_images)]
@@ -92,7 +101,10 @@ def _block(plan: DemoPlan) -> int:
 
 
 def run_dirs(plan: DemoPlan, root: str) -> list[str]:
-    return [os.path.join(root, "certify", f"{m[0]}-sigma{s:g}") for m in METHODS for s in plan.sigmas]
+    from cpcluster.demo.evidence import cls_run_dirs
+
+    return [os.path.join(root, "certify", f"{m[0]}-sigma{s:g}") for m in METHODS for s in plan.sigmas] + \
+        cls_run_dirs(plan, root)
 
 
 def default_workers() -> int:
@@ -130,27 +142,31 @@ def finetune_done(config) -> dict | None:
     return meta
 
 
-def run_finetune(config, echo: Callable) -> dict:
-    """Run (or reuse) the LPIPS fine-tuning of ``config`` as a local DDP job with a progress bar; return its meta.
+def run_finetune(config, echo: Callable, target: str = "purifier", desc: str = "fine-tune") -> dict:
+    """Run (or reuse) a fine-tuning of ``config`` as a local DDP job with a progress bar; return its meta.
 
-    The job is :class:`cpcluster.jobs.finetune.FinetuneJob` on ``config.ranks_per_node`` CPU ranks (gloo) through
-    submitit's local executor, built by :func:`cpcluster.slurm.make_executor` as ``cpcluster finetune`` does.
-    The bar follows the checkpoints the job writes.
+    ``target`` ``"purifier"``: :class:`cpcluster.jobs.finetune.FinetuneJob`; ``"classifier"``:
+    :class:`cpcluster.jobs.finetune_classifier.ClassifierFinetuneJob`. The job runs on ``config.ranks_per_node``
+    CPU ranks (gloo) through submitit's local executor, built by :func:`cpcluster.slurm.make_executor` as
+    ``cpcluster finetune`` does. The bar follows the checkpoints the job writes.
     """
-    from cpcluster.jobs.finetune import FinetuneJob, preflight
+    from cpcluster.jobs import finetune, finetune_classifier
     from cpcluster.jobs.finetune_io import list_checkpoints
     from cpcluster.progress import advance_to, progress_bar
     from cpcluster.slurm import SlurmOptions, make_executor
 
+    jobs = {"purifier": (finetune.FinetuneJob, finetune.preflight),
+            "classifier": (finetune_classifier.ClassifierFinetuneJob, finetune_classifier.preflight)}
     meta = finetune_done(config)
     if meta is not None:
         echo(f"reusing the finished fine-tuning in {config.out} (same configuration)")
         return meta
+    job_class, preflight = jobs[target]
     preflight(config)
     folder = os.path.join(config.out, "submitit")
     options = SlurmOptions(nodes=1, tasks_per_node=config.ranks_per_node, job_name="cpcluster-demo-finetune")
-    job = make_executor(folder, options, "local").submit(FinetuneJob(config))
-    bar = progress_bar(config.steps, unit="step", desc="fine-tune")
+    job = make_executor(folder, options, "local").submit(job_class(config))
+    bar = progress_bar(config.steps, unit="step", desc=desc)
     try:
         while True:
             done = job.done()
@@ -202,15 +218,22 @@ class DemoResult:
     evals: list  # held-out records of the fine-tuning run (step 0 = before, last = after)
     aggregate: object  # cpcluster.aggregate.pipeline.AggregateResult
     seconds: dict
+    classifiers: dict = field(default_factory=dict)  # CLS-FT runs: prefix -> (final folder, eval records)
+    quality: str = ""  # the printed quality table
+    grid: str = ""  # the grid PNG
 
 
 def label(method: str) -> str:
-    """Which of the three demo purifiers an aggregate method name is."""
+    """Which of the demo's methods an aggregate method name is."""
     if method == "none":
         return "no purifier"
     if method == "consistency(demo)":
         return "before fine-tuning"
-    return "after fine-tuning" if method.startswith("consistency(finetuned:") else method
+    if method.startswith("consistency(finetuned:") and method.endswith("[DM-FT]"):
+        return "after fine-tuning (DM-FT)"
+    if "[DM-FT + CLS-FT:" in method:
+        return "both (DM-FT + CLS-FT)"
+    return "classifier fine-tuned (CLS-FT)" if "[CLS-FT:" in method else method
 
 
 def run_demo(plan: DemoPlan, out: str, echo: Callable = print, warn: Callable | None = None,
@@ -243,41 +266,61 @@ def run_demo(plan: DemoPlan, out: str, echo: Callable = print, warn: Callable | 
 
 
 def demo_paths(plan: DemoPlan, root: str) -> list[str]:
-    """The folders a demo run writes under ``root``: fine-tuning, the nine certify runs, aggregation."""
-    return [os.path.join(root, "finetune"), *run_dirs(plan, root), os.path.join(root, "aggregate")]
+    """The folders a demo run writes under ``root``: fine-tuning runs, certify runs, aggregation, quality."""
+    from cpcluster.demo.evidence import CLS_RUNS
+
+    return [os.path.join(root, "finetune"), *(os.path.join(root, p) for p, _, _ in CLS_RUNS), *run_dirs(plan, root),
+            os.path.join(root, "aggregate"), os.path.join(root, "quality")]
 
 
 def _stages(plan: DemoPlan, root: str, echo: Callable, warn: Callable, workers: int) -> DemoResult:
+    from cpcluster.demo import evidence
+    from cpcluster.fid import RANDOM_WEIGHTS_WARNING
     from cpcluster.jobs.finetune_io import read_metrics
     from cpcluster.losses import RANDOM_BACKBONE_WARNING
 
-    seconds, start = {}, time.perf_counter()
+    seconds, start, ev = {}, time.perf_counter(), plan.evidence
     config = finetune_config(plan, root)
     warn(RANDOM_BACKBONE_WARNING.format(net=config.lpips_net))
-    echo(f"\n[1/3] LPIPS fine-tuning of the demo denoiser: {config.steps} steps of {config.batch_size} digits, "
-         f"from `demo` (trained with the L2 loss) -> {config.out}/final")
+    echo(f"\n[1/5] LPIPS fine-tuning of the demo denoiser (DM-FT): {config.steps} steps of {config.batch_size} "
+         f"digits, from `demo` (trained with the L2 loss) -> {config.out}/final")
     tic = time.perf_counter()
     meta = run_finetune(config, echo)
-    seconds["finetune"] = time.perf_counter() - tic
     evals = [r for r in read_metrics(config.out) if r.get("kind") == "eval"]
     for line in eval_lines(evals):
         echo(line)
-
     final = os.path.join(config.out, "final")
-    echo(f"\n[2/3] certification: {len(METHODS)} purifiers x sigma {', '.join(f'{s:g}' for s in plan.sigmas)}, "
-         f"{plan.shards} shards each, {workers} at a time (local executor)")
+    echo(f"\n[2/5] classifier fine-tuning on purified digits at sigma {ev.sigma:g} (CLS-FT, and both)")
+    classifiers = evidence.run_classifiers(plan, root, final, echo)
+    seconds["finetune"] = time.perf_counter() - tic
+
+    echo(f"\n[3/5] certification: {len(METHODS)} purifiers x sigma {', '.join(f'{s:g}' for s in plan.sigmas)}, "
+         f"then the two fine-tuned classifiers at sigma {ev.sigma:g}; {plan.shards} shards each, {workers} at a "
+         "time (local executor)")
     tic = time.perf_counter()
     for method in METHODS:
         echo(f"\n-- {method[1]}")
         run_certify(certify_args(plan, root, method, final, workers), echo)
+    for prefix, what, denoiser in evidence.CLS_RUNS:
+        echo(f"\n-- {what}")
+        run_certify(evidence.cls_certify_args(plan, root, prefix, denoiser.format(final=final),
+                                              f"finetuned:{classifiers[prefix][0]}", workers), echo)
     seconds["certify"] = time.perf_counter() - tic
 
-    echo("\n[3/3] aggregation")
+    echo("\n[4/5] aggregation")
     tic = time.perf_counter()
     result = run_aggregate(plan, root, echo)
     seconds["aggregate"] = time.perf_counter() - tic
+
+    echo(f"\n[5/5] purification quality at sigma {ev.sigma:g} on {ev.quality_images} test digits, and a grid")
+    warn(RANDOM_WEIGHTS_WARNING)
+    tic = time.perf_counter()
+    quality = evidence.run_quality(plan, root, final, echo)
+    grid = evidence.run_grid(plan, root, final, echo)
+    seconds["quality"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - start
-    return DemoResult(root=root, finetune=meta, evals=evals, aggregate=result, seconds=seconds)
+    return DemoResult(root=root, finetune=meta, evals=evals, aggregate=result, seconds=seconds,
+                      classifiers=classifiers, quality=quality, grid=grid)
 
 
 def eval_lines(evals: list) -> list[str]:
@@ -299,8 +342,7 @@ def eval_lines(evals: list) -> list[str]:
 def story_lines(result: DemoResult, plan: DemoPlan) -> list[str]:
     """The table's reading: certified accuracy and ACR per purifier at each sigma, in words."""
     agg = result.aggregate
-    lines = ["methods: " + "; ".join(f"{r.group.plan.method} = {label(r.group.plan.method)}"
-                                     for r in agg.results if r.group.plan.sigma == plan.sigmas[0])]
+    lines = ["methods: " + "; ".join(f"{m} = {label(m)}" for m in sorted({r.group.plan.method for r in agg.results}))]
     mid = plan.radii[len(plan.radii) // 2]
     k = list(plan.radii).index(mid)
     for sigma in plan.sigmas:

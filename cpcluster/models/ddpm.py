@@ -112,8 +112,8 @@ class OneStepDDPMPurifier(DenoiserPurifier):
                              f"use one of {', '.join(PREDICTIONS)}")
         self.label_policy = label_policy
 
-    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.labels_for(x_noisy, generator)
+    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
+        labels = self.labels_for(x_noisy, generator, labels)
         x_t = math.sqrt(self.abar_t) * pixel_to_model(x_noisy)
         steps = torch.full((x_noisy.shape[0],), self.t, dtype=torch.int64, device=x_noisy.device)
         out = self.net(x_t, steps, labels).to(x_t.dtype)

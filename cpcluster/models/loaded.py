@@ -48,6 +48,9 @@ class LoadedClassifier:
     architecture : for classifiers cpcluster builds itself from a foreign format (``hf-vit:``), what it built
            (``{"timm": class, "kwargs": ..., "input_size": [H, W], ...}``); None otherwise. It goes into the run
            config only when set, so the configs of other classifiers are unchanged.
+    finetuned :  for a classifier fine-tuned behind a purifier (CLS-FT, ``finetuned:DIR``), where it came from
+    (base spec, step, purifier); None otherwise (and then absent from :meth:`describe`, so run configs of plain
+    classifiers keep their hash).
     """
 
     module: nn.Module
@@ -56,13 +59,15 @@ class LoadedClassifier:
     sha256: str | None = None
     transform: dict = field(default_factory=dict)
     architecture: dict | None = None
+    finetuned: dict | None = None
 
     def describe(self) -> dict:
         out = {"spec": self.spec, "sha256": self.sha256, "num_classes": self.num_classes, "transform": self.transform}
         if self.architecture is not None:
             out["architecture"] = self.architecture
+        if self.finetuned is not None:
+            out["finetuned"] = self.finetuned
         return out
-
     def size_problem(self, image_hw) -> str | None:
         """Why pixel-space images of size ``image_hw`` (H, W) cannot reach the network, or None.
 

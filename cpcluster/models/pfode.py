@@ -145,8 +145,8 @@ class PFODEPurifier(DenoiserPurifier):
                              "probability-flow ODE; use --purifier consistency")
         self.times = [float(t) for t in times]
 
-    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.labels_for(x_noisy, generator)
+    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
+        labels = self.labels_for(x_noisy, generator, labels)
         x = pixel_to_model(x_noisy)
         for t_cur, t_next in zip(self.times[:-1], self.times[1:]):
             d = (x - self.D(x, t_cur, labels)) / t_cur

@@ -3,7 +3,9 @@
 Every purifier is built for one smoothing level ``sigma`` (pixel space) and is called as
 ``purifier(x_noisy, generator)`` with ``x_noisy = x + delta`` of shape (B, C, H, W), *not* clamped, and an
 optional ``torch.Generator`` that the caller seeds per noise batch (so any randomness a purifier uses, such as a
-random class label, is a function of the noise seed and not of the shard that ran it).
+random class label, is a function of the noise seed and not of the shard that ran it). A caller that has drawn the
+labels itself (fine-tuning draws them for the global batch, so that they do not depend on the world size) passes
+``labels=`` (B,) instead.
 
 A class-conditional network never sees the true label: :class:`LabelPolicy` picks labels independently of the
 image (a fixed class, or uniform random classes), and the choice is recorded in ``describe()``.
@@ -43,7 +45,8 @@ class LabelPolicy:
 
 
 class Purifier(nn.Module):
-    """Base class. ``forward(x_noisy (B,C,H,W) pixel space, generator=None) -> (B,C,H,W) pixel space [0,1]``.
+    """Base class. ``forward(x_noisy (B,C,H,W) pixel space, generator=None, labels=None) -> (B,C,H,W) pixel space
+    [0,1]``.
 
     ``nfe``: network evaluations per purified image (the cost the paper's efficiency claim is about)."""
 
@@ -64,7 +67,7 @@ class IdentityPurifier(Purifier):
     def __init__(self, sigma: float = 0.0, **_):
         super().__init__()
 
-    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
         return x_noisy
 
 
@@ -80,8 +83,12 @@ class DenoiserPurifier(Purifier):
         """Whether forward draws from the generator (random labels for a class-conditional network)."""
         return self.label_policy.text == "random" and bool(self.denoiser.meta.get("num_classes"))
 
-    def labels_for(self, x_noisy: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
-        """(B,) int64 labels for a conditional network, None for an unconditional one."""
+    def labels_for(self, x_noisy: torch.Tensor, generator: torch.Generator | None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B,) int64 labels for a conditional network (``labels`` when the caller drew them), None for an
+        unconditional one."""
+        if labels is not None and self.denoiser.meta.get("num_classes"):
+            return labels
         return self.label_policy.labels(x_noisy.shape[0], self.denoiser.meta.get("num_classes"),
                                         x_noisy.device, generator)
 
@@ -114,8 +121,8 @@ class ConsistencyPurifier(DenoiserPurifier):
                 from None
         self.label_policy = label_policy
 
-    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = self.labels_for(x_noisy, generator)
+    def forward(self, x_noisy: torch.Tensor, generator: torch.Generator | None = None, labels=None) -> torch.Tensor:
+        labels = self.labels_for(x_noisy, generator, labels)
         return model_to_pixel(self.function(pixel_to_model(x_noisy), self.t, labels))
 
     def describe(self) -> dict:
@@ -146,6 +153,16 @@ def build_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, **o
     if name == "none":
         return IdentityPurifier(sigma)
     return PURIFIERS[name](denoiser, sigma, **options)
+
+
+def configured_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, time_rule: str = "nearest",
+                        purifier_label: str = "random", steps: int | None = None) -> Purifier:
+    """:func:`build_purifier` from the command-line settings every job has (``--time``, ``--purifier-label``,
+    ``--steps`` of pf-ode)."""
+    options = {"time_rule": time_rule, "label_policy": LabelPolicy(purifier_label)}
+    if steps is not None:
+        options["steps"] = steps
+    return build_purifier(name, denoiser, sigma, **options)
 
 
 class SmoothedBase(nn.Module):

@@ -34,7 +34,7 @@ def _ensure_adapters() -> None:
     import importlib.util
 
     for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned",
-                 "cpcluster.models.netfolder", "cpcluster.models.hf_vit"):
+                 "cpcluster.models.finetuned_classifier", "cpcluster.models.netfolder", "cpcluster.models.hf_vit"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
 
