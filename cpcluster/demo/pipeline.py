@@ -123,9 +123,8 @@ def check_models() -> None:
 
 def finetune_done(config) -> dict | None:
     """The ``final/cpcluster.json`` of a finished fine-tuning of exactly ``config``, else None."""
-    from cpcluster.shards import config_hash
-
     from cpcluster.fileio import read_json
+    from cpcluster.shards import config_hash
 
     path = os.path.join(config.out, "final", "cpcluster.json")
     if not os.path.exists(path):
@@ -134,10 +133,13 @@ def finetune_done(config) -> dict | None:
         meta = read_json(path)
     except InputError:  # damaged: not a finished fine-tuning, which is then run again
         return None
-    run, finetuned = meta.get("finetune_run"), meta.get("finetuned")
+    # A purifier export (a network folder) keeps the run under "finetune_run" and the step under "finetuned"; a
+    # classifier export keeps both at the top level.
+    run, finetuned = meta.get("finetune_run", meta), meta.get("finetuned", meta)
     if not isinstance(run, dict) or not isinstance(finetuned, dict):
         return None
-    if run.get("run_hash") != config_hash(config.run_dict()) or finetuned.get("step", 0) < config.steps:
+    step = finetuned.get("step")
+    if run.get("run_hash") != config_hash(config.run_dict()) or not isinstance(step, int) or step < config.steps:
         return None
     return meta
 
