@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from cpcluster.aggregate.quality_io import SHARD_GLOB, QualityShard, read_quality_shard
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DEFAULT_TRANSPORT_IMAGES = 1000
 

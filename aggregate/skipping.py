@@ -115,7 +115,7 @@ def merge_skipped(shards: Sequence, image_index: np.ndarray, counted: np.ndarray
     stopping, a skipped unit the plan does not have (or with other draws), one skipped with two reasons, one both
     skipped and counted, an image skipped for two reasons. Identical rows in two files count once.
     """
-    from cpcluster.errors import InputError
+    from cpcluster.util.errors import InputError
 
     m = len(image_index)
     zeros = np.zeros(m, dtype=np.int64)

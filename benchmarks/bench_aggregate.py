@@ -25,7 +25,8 @@ import numpy as np
 
 
 def make_case(folder: str, images: int, classes: int, files: int = 64, seed: int = 0) -> list:
-    from cpcluster.shards import encode_shard, shard_name, write_bytes_atomic
+    from cpcluster.shards import encode_shard, shard_name
+    from cpcluster.util.fileio import write_bytes_atomic
 
     n0, n = 100, 10_000
     cfg = {"sigma": 0.5, "n0": n0, "n": n, "block_size": n, "draw_batch": 1000, "seed": 0,

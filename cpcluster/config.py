@@ -5,9 +5,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cpcluster.errors import InputError
 from cpcluster.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
 from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
+from cpcluster.util.errors import InputError
 
 
 def check_label_policy(text) -> str:

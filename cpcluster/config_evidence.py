@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cpcluster.config import TrainingConfig, check_choices, check_training
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # ------------------------------------------------------------------------------------------ classifier fine-tuning
 OPTIMIZERS = ("sgd", "radam")

@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
 from cpcluster.sharding.seeds import unit_batches
+from cpcluster.util.errors import InputError
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 GREEN, RED = (0.0, 0.7, 0.0), (0.85, 0.0, 0.0)
 
@@ -115,7 +115,7 @@ def grid_png(arrays: dict, scale: int = 4) -> bytes:
 
 def write_grid(arrays: dict, png: str, scale: int = 4) -> tuple[str, str]:
     """Write ``png`` and ``<png without .png>.npz`` (atomically); returns both paths."""
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     if not png.endswith(".png"):
         raise InputError(f"--out {png}: name a .png file (the arrays go beside it as .npz)")

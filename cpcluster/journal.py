@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, is_local_fs, parse_json, read_regular
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import filesystem, is_local_fs, parse_json, read_regular
 
 JOURNAL_SUFFIX = ".journal"
 MAGIC = b"CPCJOURNAL2\n"

@@ -21,12 +21,11 @@ import numpy as np
 
 from cpcluster import __version__
 from cpcluster.config import CertifyConfig
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, read_json
 from cpcluster.sharding.plan import Plan, plan_from_config, select_images  # noqa: F401 (select_images: re-export)
 from cpcluster.sharding.seeds import NOISE_SCHEME
-from cpcluster.shards import (_journal_path, config_hash, exists, is_local, join_url, read_journal, read_shard,
-                              shard_name, unplanned_units, write_bytes_atomic)
+from cpcluster.shards import _journal_path, read_journal, read_shard, shard_name, unplanned_units
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import config_hash, exists, filesystem, is_local, join_url, read_json, write_bytes_atomic
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.jsonl"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 SKIP_REASONS = (1, 2)
 EXTRAS = ("skipped", "unit_seconds")

@@ -34,12 +34,12 @@ import h5py
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import check_regular, filesystem, parse_json, read_regular
-from cpcluster.fileio import write_bytes_atomic  # noqa: F401  (used from here by many modules)
-from cpcluster.journal import JOURNAL_VERSION, MAX_CLASSES, check_units, encode_header, encode_record
-from cpcluster.journal import journal_path as _journal_path
+from cpcluster.journal import (JOURNAL_VERSION, MAX_CLASSES, check_units, encode_header, encode_record,
+                               journal_path as _journal_path)
 from cpcluster.shard_extras import EXTRAS, check_seconds, check_skipped, empty_skipped, write_extras
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import (canonical_json, check_regular, config_hash, filesystem, parse_json, read_regular,
+                                   write_bytes_atomic)
 # The journal lived in this module; its readers import these from here.
 from cpcluster.journal import JOURNAL_SUFFIX, JournalState, read_journal  # noqa: F401
 
@@ -48,36 +48,8 @@ SHARD_GLOB = "shard-*-of-*.h5"
 _GLOB_CHARS = set("*?[")
 
 
-def canonical_json(config: dict) -> str:
-    """The one serialization that ``config_hash`` is taken over (sorted keys, no spaces)."""
-    return json.dumps(config, sort_keys=True, separators=(",", ":"))
-
-
-def config_hash(config: dict) -> str:
-    """Hex sha256 of ``canonical_json(config)`` in UTF-8: equal hashes mean the same run configuration."""
-    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
-
-
 def shard_name(index: int, total: int) -> str:
     return SHARD_TEMPLATE.format(index=index, total=total)
-
-
-def join_url(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or an fsspec URL."""
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _fs(url: str):
-    return filesystem(url)
-
-
-def is_local(url: str) -> bool:
-    return isinstance(_fs(url)[0], LocalFileSystem)
-
-
-def exists(url: str) -> bool:
-    fs, path = _fs(url)
-    return fs.exists(path)
 
 
 class ShardWriter:
@@ -303,7 +275,7 @@ def read_shard(url: str) -> ShardData:
     present), invalid units (:func:`cpcluster.journal.check_units`), labels outside ``[0, num_classes)``, or
     images that the run's plan does not select (when the config records the dataset size and subset).
     """
-    fs, path = _fs(url)
+    fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         size = check_regular(url)  # no FIFO (would hang), device or folder; same errors as for remote files
         # h5py reads a local file itself, 4-6x faster than through a Python file object; no HDF5 file
@@ -412,7 +384,7 @@ def expand_paths(patterns: Iterable[str], shard_glob: str = SHARD_GLOB) -> list[
     """
     out: list[str] = []
     for pattern in patterns:
-        fs, path = _fs(pattern)
+        fs, path = filesystem(pattern)
         if _GLOB_CHARS & set(path):
             found = sorted(fs.glob(path))
             if not found:

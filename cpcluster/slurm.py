@@ -8,7 +8,7 @@ limit, GPUs, CPUs, memory, constraint, array throttle, extra ``#SBATCH`` options
 * :func:`submit_array` submits a list of callables as one job array, or as several when the list is longer than
   the cluster's ``MaxArraySize`` (:func:`cluster_max_array_size`, :func:`split_array`) -- submitit alone does not
   split, and ``sbatch`` refuses an oversized array. A refused ``sbatch`` (unknown partition, account, QOS
-  limit...) becomes an :class:`~cpcluster.errors.InputError` carrying SLURM's own message in one line;
+  limit...) becomes an :class:`~cpcluster.util.errors.InputError` carrying SLURM's own message in one line;
 * :func:`cpcluster.slurm_dryrun.render_sbatch` returns the sbatch scripts :func:`submit_array` would submit,
   without a cluster (``--dry-run``); they are produced by submitit's own code, so they are the same text;
 * :func:`record_jobs` / :func:`read_jobs` keep the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
@@ -35,9 +35,9 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from cpcluster.errors import InputError
 from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array  # the one chunking rule (re-exported)
 from cpcluster.slurm_jobs import JOBS_FILE, read_jobs, record_jobs, slurm_reachable  # noqa: F401 (re-exported)
+from cpcluster.util.errors import InputError
 
 CLUSTERS = ("slurm", "local", "debug")
 

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import parse_json, read_regular
 from cpcluster.shards import unplanned_units
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import parse_json, read_regular
 
 STATES = ("complete", "running", "pending", "partial", "failed", "missing")
 RESUBMITTABLE = frozenset({"failed", "missing", "partial"})  # nothing works on them and they are unfinished
@@ -210,7 +210,8 @@ def shard_files(run_dir: str, index: int, total: int, config_hash: str, planned:
                 held: set | None = None) -> ShardFiles:
     """The file state of shard ``index`` of ``total`` (planned units ``planned``): its HDF5 file, else its journal
     (and lock). A journal holding units its shard does not plan is ``bad``, as the shard job refuses it."""
-    from cpcluster.shards import _journal_path, exists, join_url, read_journal, shard_name
+    from cpcluster.shards import _journal_path, read_journal, shard_name
+    from cpcluster.util.fileio import exists, join_url
 
     url = join_url(run_dir, shard_name(index, total))
     if exists(url):

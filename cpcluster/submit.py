@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # local jobs are not time-limited in practice
@@ -45,7 +45,7 @@ def choose_executor(requested: str) -> tuple[str, str]:
 def refuse_process_local(out: str, kind: str) -> None:
     """InputError for an ``--out`` that only this process can see (``memory://``) when jobs run in other processes
     (every executor but ``debug``): they would write where nobody reads, and nothing would be kept."""
-    from cpcluster.fileio import process_local
+    from cpcluster.util.fileio import process_local
 
     if kind != "debug" and process_local(out, "--out"):
         raise InputError(f"--out {out}: lives in this process's memory, but the {kind} executor runs the jobs in "

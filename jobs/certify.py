@@ -19,8 +19,8 @@ import time
 from contextlib import contextmanager
 
 from cpcluster.config import CertifyConfig
-from cpcluster.errors import InputError
-from cpcluster.signals import Terminated, stop_on_sigterm
+from cpcluster.util.errors import InputError
+from cpcluster.util.signals import Terminated, stop_on_sigterm
 
 log = logging.getLogger("cpcluster.certify")
 LOG_EVERY_S = 30.0
@@ -193,7 +193,7 @@ def _finished(run, url: str, index: int, repair: bool) -> bool:
     moved aside to ``<file>.damaged`` so that the shard is counted again.
     """
     from cpcluster.runs import ShardMismatch, verified_shard
-    from cpcluster.shards import exists
+    from cpcluster.util.fileio import exists
 
     if not exists(url):
         return False
@@ -212,7 +212,7 @@ def _finished(run, url: str, index: int, repair: bool) -> bool:
 
 
 def _move(src: str, dst: str) -> None:
-    from cpcluster.fileio import filesystem
+    from cpcluster.util.fileio import filesystem
 
     fs, path = filesystem(src)
     fs.mv(path, filesystem(dst)[1])
@@ -221,7 +221,7 @@ def _move(src: str, dst: str) -> None:
 def _remove_temporaries(url: str) -> None:
     """Delete what a process killed while finishing this shard left: ``<file>.*.tmp`` / ``<file>.tmp`` (they are
     partial copies of the shard file; its journal still holds every unit)."""
-    from cpcluster.fileio import filesystem
+    from cpcluster.util.fileio import filesystem
 
     fs, path = filesystem(url)
     for stale in fs.glob(path + ".*tmp"):

@@ -81,7 +81,8 @@ def count_in_rounds(counter, units: np.ndarray, labels: dict, writer, n: int, ma
 # ------------------------------------------------------------------------------------------------------ dry run
 def recorded_selection(run) -> dict:
     """``{image: (C,) selection counts}`` recorded so far in ``run``'s directory (finished shards and journals)."""
-    from cpcluster.shards import _journal_path, exists, read_journal, read_shard
+    from cpcluster.shards import _journal_path, read_journal, read_shard
+    from cpcluster.util.fileio import exists
 
     out = {}
     for k in range(run.plan.num_shards):

@@ -21,12 +21,12 @@ import os
 import numpy as np
 
 from cpcluster.config import FinetuneConfig
-from cpcluster.errors import InputError
 from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, Diverged,  # noqa: F401
                                      FinetuneTerminated, Trainer, TrainingJob, derive_seed, digest, epoch_order,
                                      global_batch, rank_rows, rank_setup, step_draws)
+from cpcluster.util.errors import InputError
 
 
 class FinetuneJob(TrainingJob):
@@ -123,16 +123,16 @@ def preflight(config: FinetuneConfig) -> None:
 
 
 def run(config: FinetuneConfig) -> dict:
-    """Train on this rank (``cpcluster.dist`` already initialised); returns a summary of this rank's run."""
+    """Train on this rank (``cpcluster.util.dist`` already initialised); returns a summary of this rank's run."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from cpcluster import dist
     from cpcluster.losses import RANDOM_BACKBONE_WARNING, PerceptualLoss, PixelLoss, build_lpips
     from cpcluster.models.consistency import ConsistencyFunction, pixel_to_model, time_for_sigma
     from cpcluster.models.finetuned import export_finetuned
     from cpcluster.models.purifiers import LabelPolicy
     from cpcluster.models.specs import load_classifier, load_denoiser
+    from cpcluster.util import dist
 
     cfg = config
     info, device, amp = rank_setup(cfg)

@@ -22,11 +22,11 @@ import io
 import numpy as np
 import torch
 
-from cpcluster import dist
 from cpcluster.jobs.training import EVAL_STREAM, NOISE_STREAM, TRAIN_STREAM, derive_seed  # noqa: F401 (re-exported)
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import LabelPolicy, build_purifier
+from cpcluster.util import dist
 
 
 class HeldOut:
@@ -135,7 +135,7 @@ def plot_curves(records: list[dict], url: str) -> None:
     """Training loss and per-sigma eval LPIPS / L2 / accuracy against step, as one PNG written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no backend selection, no global state
 
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]

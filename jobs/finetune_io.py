@@ -24,9 +24,9 @@ import warnings
 
 import fsspec
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, parse_json, read_json, read_regular
-from cpcluster.shards import config_hash, join_url, write_bytes_atomic
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import (config_hash, filesystem, join_url, parse_json, read_json, read_regular,
+                                   write_bytes_atomic)
 
 FORMAT = "cpcluster-finetune-checkpoint"
 RUN_RECORD = "finetune.json"

@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from cpcluster.config_evidence import QualityConfig
-from cpcluster.errors import InputError
-from cpcluster.signals import Terminated
+from cpcluster.util.errors import InputError
+from cpcluster.util.signals import Terminated
 
 QUALITY_STREAM = 5  # derive_seed(seed, QUALITY_STREAM, image index): the noise of one image
 RUN_FILE = "run.json"
@@ -172,7 +172,7 @@ def read_run(run_dir: str) -> dict | None:
     """The run's ``run.json`` (None if absent)."""
     import fsspec
 
-    from cpcluster.shards import join_url
+    from cpcluster.util.fileio import join_url
 
     fs, path = fsspec.core.url_to_fs(join_url(run_dir, RUN_FILE))
     if not fs.exists(path):
@@ -187,8 +187,8 @@ def run_shard(config: QualityConfig, index: int) -> str:
 
     from cpcluster.aggregate.quality_io import shard_bytes, shard_name
     from cpcluster.jobs.certify import resolve_device
-    from cpcluster.shards import config_hash, exists, join_url, write_bytes_atomic
-    from cpcluster.signals import stop_on_sigterm
+    from cpcluster.util.fileio import config_hash, exists, join_url, write_bytes_atomic
+    from cpcluster.util.signals import stop_on_sigterm
 
     url = join_url(config.run_dir, shard_name(index, config.num_shards))
     if exists(url):

@@ -73,7 +73,7 @@ def _save(path: str, state: dict, metadata: dict) -> str:
     from safetensors.torch import save
 
     from cpcluster.models.weights import sha256_bytes
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     raw = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
                metadata={"cpcluster": json.dumps(metadata, sort_keys=True)})
@@ -222,7 +222,7 @@ def train_all(recipe: dict, out: str, work: str | None = None) -> dict:
 
     from cpcluster import __version__
     from cpcluster.demo.models import METRICS_FILE, shipped
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     os.makedirs(out, exist_ok=True)
     scratch = work or tempfile.mkdtemp(prefix="cpcluster-train-demo-")

@@ -6,7 +6,7 @@ submitted as its own array (task ``t`` of chunk ``c`` is item ``c * max_size + t
 """
 from __future__ import annotations
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize: array indices 0..1000
 

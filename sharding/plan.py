@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 SELECTION = 0
 ESTIMATION = 1

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 NOISE_SCHEME = "counter-v2"  # bump when the noise of a (seed, image, stream, batch) changes
 MAX_IMAGE = 2**38

@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from cpcluster.shards import ShardWriter, encode_shard, shard_name, write_bytes_atomic
+from cpcluster.shards import ShardWriter, encode_shard, shard_name
+from cpcluster.util.fileio import write_bytes_atomic
 
 
 def make_config(sigma: float = 0.5, *, n0: int = 16, n: int = 64, block_size: int = 32, num_classes: int = 4,

@@ -10,9 +10,9 @@ import pytest
 
 from cpcluster import runs
 from cpcluster.config import CertifyConfig
-from cpcluster.errors import InputError
 from cpcluster.jobs.certify import CertifyShardJob, tune_allocator
 from cpcluster.shards import ShardWriter, read_journal, read_shard
+from cpcluster.util.errors import InputError
 
 
 def config(run_dir, **kw):

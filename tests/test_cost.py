@@ -13,9 +13,9 @@ from cpcluster import runs
 from cpcluster.aggregate.pipeline import run_aggregate
 from cpcluster.cli import main
 from cpcluster.config import AggregateOptions, CertifyConfig
-from cpcluster.errors import InputError
 from cpcluster.jobs.certify import CertifyShardJob
 from cpcluster.shards import ShardWriter, read_journal, read_shard
+from cpcluster.util.errors import InputError
 
 
 def _config(run_dir, **kw):

@@ -12,10 +12,11 @@ from cpcluster import runs
 from cpcluster.aggregate.pipeline import run_aggregate
 from cpcluster.aggregate.skipping import ABSTAIN_CERTAIN, WRONG_CLASS, abstain_certain, image_step
 from cpcluster.config import AggregateOptions, CertifyConfig
-from cpcluster.errors import InputError
 from cpcluster.jobs.certify import CertifyShardJob
 from cpcluster.sharding.plan import make_plan
-from cpcluster.shards import ShardWriter, encode_shard, read_shard, write_bytes_atomic
+from cpcluster.shards import ShardWriter, encode_shard, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import write_bytes_atomic
 
 MAX_ALPHA = 0.01
 N, BLOCK = 600, 100

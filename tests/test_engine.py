@@ -5,8 +5,8 @@ import torch
 from scipy import stats
 
 from cpcluster.engine import CountingEngine, draw_noise, needs_generator
-from cpcluster.errors import InputError
 from cpcluster.sharding import balanced_ranges, build_units
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 SHAPE = (1, 4, 4)

@@ -18,12 +18,12 @@ from test_finetune_ddp import final_state, max_difference
 from cpcluster.aggregate.finetuning import finetuning_label
 from cpcluster.aggregate.merge import method_name
 from cpcluster.config_evidence import ClassifierFinetuneConfig
-from cpcluster.errors import InputError
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, learning_rate, preflight, purify
 from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
 from cpcluster.models.purifiers import LabelPolicy, build_purifier
 from cpcluster.models.specs import load_classifier, load_denoiser
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 STEPS = 8

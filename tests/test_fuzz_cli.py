@@ -22,7 +22,8 @@ from synth import make_config, simulate_counts, write_shard
 from unet_files import CM_SCHEDULER, save_unet
 
 from cpcluster.cli import main
-from cpcluster.shards import config_hash, shard_name
+from cpcluster.shards import shard_name
+from cpcluster.util.fileio import config_hash
 
 SHARDS = 2
 DEEP = "[" * 5000 + "]" * 5000

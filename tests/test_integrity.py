@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from test_status import SHARDS, SMALL, make_partial, reference, run_dir, shard_path  # noqa: F401 (fixtures)
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
-from cpcluster.shards import encode_shard, read_shard, write_bytes_atomic
+from cpcluster.shards import encode_shard, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import write_bytes_atomic
 
 
 def cli(*args):

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from cpcluster.cli import main
 from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
 from cpcluster.convert import run_conversion
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, build_purifier
 from cpcluster.models.specs import load_denoiser
+from cpcluster.util.errors import InputError
 from edm_files import write_edm_pickle
 from test_purifiers import GaussianDenoiser
 

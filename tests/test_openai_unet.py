@@ -171,7 +171,7 @@ SMALL_CONFIG = dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, at
     (dict(model_channels=4096, channel_mult=[2] * 8, num_res_blocks=32), "parameters (limit"),
 ])
 def test_config_is_checked_before_anything_is_built(change, message):
-    from cpcluster.errors import InputError
+    from cpcluster.util.errors import InputError
 
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         build_architecture("openai-unet", {**SMALL_CONFIG, **change}, "test")

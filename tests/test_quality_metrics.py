@@ -6,7 +6,7 @@ import torch
 
 from cpcluster import fid as fidmod
 from cpcluster.aggregate.quality import fid, transport_w2
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 

@@ -69,8 +69,8 @@ def test_finetune_export_certify_aggregate(folders, tmp_path, which, options):
 
 def test_finetune_accepts_spec_options_and_checks_the_path(tmp_path, folders):
     from cpcluster.config import FinetuneConfig
-    from cpcluster.errors import InputError
     from cpcluster.jobs.finetune import preflight
+    from cpcluster.util.errors import InputError
 
     def config(model, data="demo:train"):
         return FinetuneConfig(model=model, data=data, out=str(tmp_path / "o"), lpips_random_backbone=True,
@@ -82,8 +82,8 @@ def test_finetune_accepts_spec_options_and_checks_the_path(tmp_path, folders):
 
 
 def test_frozen_loaders_are_made_trainable_and_torchscript_is_refused(folders, tmp_path):
-    from cpcluster.errors import InputError
     from cpcluster.jobs.finetune import trainable
+    from cpcluster.util.errors import InputError
 
     den = load_denoiser(f"diffusers:{folders['plain']}")
     assert not any(p.requires_grad for p in den.module.parameters()) and not den.module.training

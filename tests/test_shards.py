@@ -5,8 +5,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cpcluster.errors import InputError
-from cpcluster.shards import ShardWriter, config_hash, expand_paths, read_shard, read_journal
+from cpcluster.shards import ShardWriter, expand_paths, read_journal, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import config_hash
 
 CFG = {"sigma": 0.5, "num_classes": 3, "n0": 10, "n": 20}
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcluster import slurm
-from cpcluster.errors import InputError
 from cpcluster.slurm import (FORWARD_USR2_SETUP, SlurmOptions, cluster_max_array_size, executor_parameters,
                              make_executor, parse_max_array_size, parse_sbatch_options, read_jobs, record_jobs,
                              split_array, submit_array)
 from cpcluster.slurm_dryrun import render_sbatch
+from cpcluster.util.errors import InputError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sbatch-array-split.txt")
 SEPARATOR = "\n##### next sbatch script #####\n"

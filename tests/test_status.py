@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
 from cpcluster.shards import ShardWriter, read_shard, shard_name
 from cpcluster.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
                                   record_jobs)
 from cpcluster.status import RESUBMITTABLE, STATES, ShardFiles, collect, decide, load_run, resubmittable
 from cpcluster.status_report import format_duration, format_status
+from cpcluster.util.errors import InputError
 
 SMALL = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "5", "--n0", "20",
          "--n", "200", "--block-size", "100", "--draw-batch", "20", "--batch", "100", "--device", "cpu"]

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
 from cpcluster.models.specs import load_dataset, load_denoiser
+from cpcluster.util.errors import InputError
 
 SMALL = ["--denoiser", "demo-random", "--max-images", "4", "--n0", "20", "--n", "100", "--block-size", "50",
          "--draw-batch", "50", "--batch", "100", "--device", "cpu"]

@@ -1,7 +1,7 @@
 """The ``cpcluster`` command: one Click group; each subcommand lives in its own module, imported on demand.
 
 Lazy loading keeps ``cpcluster --help`` and ``cpcluster aggregate`` free of torch imports. Every
-:class:`cpcluster.errors.InputError` raised below a command becomes ``Error: <one line>`` and exit code 2.
+:class:`cpcluster.util.errors.InputError` raised below a command becomes ``Error: <one line>`` and exit code 2.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 import click
 
 from cpcluster import __version__
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # Explicit registry: command name -> "module:attribute".
 COMMANDS = {

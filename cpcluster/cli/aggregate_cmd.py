@@ -10,7 +10,7 @@ import math
 import click
 
 from cpcluster.config import AGGREGATE_FORMATS, DEFAULT_RADII, AggregateOptions
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 
 def parse_alpha(text: str) -> float:

@@ -13,8 +13,8 @@ import click
 
 from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
 from cpcluster.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, CertifyConfig
-from cpcluster.errors import InputError
 from cpcluster.submit import EXECUTORS
+from cpcluster.util.errors import InputError
 
 DEFAULT_NAME = "{mode}-{purifier}-sigma{sigma}"
 MAX_INDICES = 10**7
@@ -55,7 +55,7 @@ def run_name(template: str, config: CertifyConfig) -> str:
 
 def build_configs(sigmas, out: str, name: str, **fields) -> list[CertifyConfig]:
     """One validated config per sigma, each with its own run directory ``<out>/<name>``."""
-    from cpcluster.shards import join_url
+    from cpcluster.util.fileio import join_url
 
     if not sigmas:
         raise InputError("--sigma is required, e.g. --sigma 0.5 (repeat it for several runs)")
@@ -238,7 +238,7 @@ def _log_folder(run, kind: str) -> str:
 
     SLURM jobs get a ``%j`` sub-folder each (submitit fills in the job id).
     """
-    from cpcluster.shards import is_local
+    from cpcluster.util.fileio import is_local
 
     if is_local(run.config.run_dir):
         folder = os.path.join(os.path.abspath(run.config.run_dir.removeprefix("file://")), "logs")
@@ -289,8 +289,8 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
 def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
     from cpcluster import runs
     from cpcluster.jobs.certify import ShardTerminated
-    from cpcluster.progress import advance_to, progress_bar
     from cpcluster.submit import run_debug, run_local
+    from cpcluster.util.progress import advance_to, progress_bar
 
     shards = [(run, k) for run in resolved for k in range(run.plan.num_shards)]
     bar = progress_bar(sum(run.plan.total_draws for run in resolved), unit="draw", desc="certify")

@@ -11,8 +11,8 @@ import os
 import click
 
 from cpcluster.config import FINETUNE_LOSSES, LPIPS_NETS, FinetuneConfig
-from cpcluster.errors import InputError
 from cpcluster.slurm import SlurmOptions, make_executor
+from cpcluster.util.errors import InputError
 
 
 def parse_sigmas(text: str) -> tuple:
@@ -85,8 +85,8 @@ def submit_job(job, config, submit: dict, gpus_per_node: int, next_step: str, jo
     debug executor) wait and print every rank's summary. ``submit``: the :data:`SUBMIT_KEYS` options;
     ``next_step`` names how the result is used (``{final}`` is the result folder); ``warning`` is printed (red, on
     stderr) once every check has passed."""
-    from cpcluster.shards import is_local, join_url
     from cpcluster.submit import choose_executor, refuse_process_local
+    from cpcluster.util.fileio import is_local, join_url
 
     folder = submit["log_dir"] or (join_url(config.out, "submitit") if is_local(config.out)
                                    else os.path.abspath("submitit"))

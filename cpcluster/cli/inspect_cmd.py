@@ -12,7 +12,7 @@ import json
 
 import click
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 PURIFIER_NAMES = ("consistency", "onestep-ddpm", "onestep-edm", "pf-ode", "none")
 

@@ -14,7 +14,7 @@ import click
 
 from cpcluster.cli.certify_cmd import array_slurm_options, parse_indices, shard_submit_options
 from cpcluster.config_evidence import PURIFIER_KINDS, QualityConfig
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 
 def parse_purifier(text: str) -> tuple[str, str, str | None]:
@@ -38,7 +38,7 @@ def _cuda() -> bool:
 
 def build_configs(purifiers, sigmas, out: str, **fields) -> list[QualityConfig]:
     """The clean reference run, then one run per (purifier, sigma), each in ``<out>/<name>``; names unique."""
-    from cpcluster.shards import join_url
+    from cpcluster.util.fileio import join_url
 
     if not purifiers or not sigmas:
         raise InputError("give at least one --purifier (e.g. consistency:demo) and one --sigma")
@@ -78,7 +78,7 @@ def prepare(config: QualityConfig, overwrite: bool) -> list[int]:
 
     from cpcluster.aggregate.quality_io import SHARD_GLOB, shard_name
     from cpcluster.jobs.quality import RUN_FILE, Models, read_run, shard_config
-    from cpcluster.shards import config_hash, exists, join_url, write_bytes_atomic
+    from cpcluster.util.fileio import config_hash, exists, join_url, write_bytes_atomic
 
     digest = config_hash(shard_config(config, Models(config)))
     record = read_run(config.run_dir)
@@ -136,8 +136,8 @@ def quality(purifiers, sigmas, out, indices, executor, workers, partition, accou
           --purifier cd=consistency:diffusers:/ckpt/cd --purifier ft=consistency:finetuned:/runs/ft/final \\
           --sigma 0.25 --sigma 0.5 --sigma 1.0 --shards 10 --executor slurm --out /shared/quality
     """
-    from cpcluster.shards import is_local
     from cpcluster.submit import Task, choose_executor, run_debug, run_local, submit_slurm
+    from cpcluster.util.fileio import is_local
 
     from cpcluster.jobs.quality import QualityShardJob
 

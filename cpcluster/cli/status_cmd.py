@@ -10,8 +10,8 @@ import json
 
 import click
 
-from cpcluster.errors import InputError
 from cpcluster.submit import EXECUTORS
+from cpcluster.util.errors import InputError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 

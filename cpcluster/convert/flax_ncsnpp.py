@@ -19,7 +19,7 @@ import torch
 
 from cpcluster.convert import Converted
 from cpcluster.convert.flax_msgpack import read_flax_entries
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DESCRIPTION = ("JAX/Flax model of openai/consistency_models_cifar10 (jcm msgpack checkpoint: cd-lpips/checkpoints/"
                "checkpoint_80, or the EDM teacher edm_cifar10_ema with preset=cifar10-edm) -> architecture ncsnpp")

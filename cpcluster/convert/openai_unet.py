@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from cpcluster.convert import Converted
 from cpcluster.convert.openai_unet_shapes import describe_differences, infer_config
-from cpcluster.errors import InputError
 from cpcluster.models.archs import build_architecture, first_mismatch
 from cpcluster.models.archs.openai_unet import KEYS
 from cpcluster.models.transforms import parse_bool, parse_float, parse_int
+from cpcluster.util.errors import InputError
 
 DESCRIPTION = ("OpenAI PyTorch UNet .pt (improved-diffusion, guided-diffusion, consistency_models); "
                "--set preset=FILE_STEM")

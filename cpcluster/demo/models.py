@@ -22,10 +22,10 @@ import torch
 
 from cpcluster.demo.data import demo_dataset
 from cpcluster.demo.nets import DemoClassifier, DemoUNet
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
 from cpcluster.models.specs import register
 from cpcluster.models.weights import apply_state_dict, load_state_dict
+from cpcluster.util.errors import InputError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENOISER_META = {"c_noise": "openai", "grid_steps": 18, "num_classes": None}

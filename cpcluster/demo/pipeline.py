@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cpcluster.demo.evidence import EvidencePlan
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # (run-name prefix, what it is, certify options naming the purifier)
 METHODS = (("none", "no purifier", ("--purifier", "none")),
@@ -123,8 +123,7 @@ def check_models() -> None:
 
 def finetune_done(config) -> dict | None:
     """The ``final/cpcluster.json`` of a finished fine-tuning of exactly ``config``, else None."""
-    from cpcluster.fileio import read_json
-    from cpcluster.shards import config_hash
+    from cpcluster.util.fileio import config_hash, read_json
 
     path = os.path.join(config.out, "final", "cpcluster.json")
     if not os.path.exists(path):
@@ -154,8 +153,8 @@ def run_finetune(config, echo: Callable, target: str = "purifier", desc: str = "
     """
     from cpcluster.jobs import finetune, finetune_classifier
     from cpcluster.jobs.finetune_io import list_checkpoints
-    from cpcluster.progress import advance_to, progress_bar
     from cpcluster.slurm import SlurmOptions, make_executor
+    from cpcluster.util.progress import advance_to, progress_bar
 
     jobs = {"purifier": (finetune.FinetuneJob, finetune.preflight),
             "classifier": (finetune_classifier.ClassifierFinetuneJob, finetune_classifier.preflight)}

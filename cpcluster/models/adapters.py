@@ -34,13 +34,13 @@ import io
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
 from cpcluster.models.specs import register
 from cpcluster.models.transforms import (TRANSFORM_KEYS, InputTransform, TransformedClassifier, parse_int,
                                          split_options, transform_from_options)
-from cpcluster.models.weights import apply_state_dict, load_state_dict, read_bytes, sha256_bytes
 from cpcluster.models.unet_folder import META_KEYS, load_unet_folder, merge_meta, normalize_meta
+from cpcluster.models.weights import apply_state_dict, load_state_dict, read_bytes, sha256_bytes
+from cpcluster.util.errors import InputError
 
 CLASSIFIER_KEYS = ("num_classes",) + TRANSFORM_KEYS
 MAX_CLASSES = 100_000  # a classifier head asked for by a spec option (ImageNet-21k has 21,841)

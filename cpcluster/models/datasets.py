@@ -25,15 +25,15 @@ import zipfile
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import check_regular, filesystem, is_local_fs, open_regular, read_regular
 from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, read_npz, sha256_rows
 from cpcluster.models.loaded import ImageDataset
 from cpcluster.models.safepickle import safe_load
 from cpcluster.models.specs import register
 from cpcluster.models.transforms import parse_choice, parse_int, split_options
 from cpcluster.models.weights import read_bytes
-from cpcluster.shards import exists, is_local, join_url
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import (check_regular, exists, filesystem, is_local, is_local_fs, join_url, open_regular,
+                                   read_regular)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_IMAGE_PIXELS = 2**24  # 4096 x 4096: far above any dataset image, far below a decompression bomb

@@ -19,10 +19,10 @@ import math
 import numpy as np
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.util.errors import InputError
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")

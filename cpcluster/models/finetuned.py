@@ -13,10 +13,10 @@ error messages of this module; both load any network folder.
 """
 from __future__ import annotations
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.netfolder import WEIGHTS_FILE, encode_network, load_network_folder, write_network_folder
 from cpcluster.models.specs import register
+from cpcluster.util.errors import InputError
 
 # Network metadata a fine-tuned consistency / EDM network keeps (what the purifiers read).
 EXPORTED_META = ("c_noise", "grid_steps", "num_classes", "preconditioned", "sigma_data")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.consistency import model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.util.errors import InputError
 
 
 class OneStepEDMPurifier(DenoiserPurifier):

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
-from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models import ddpm as _ddpm  # module import: safe whichever of ddpm / pfode / purifiers loads first
+from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.util.errors import InputError
 
 EDM_SIGMA_DATA = 0.5
 EDM_C_NOISE = {"edm": C_NOISE["jax"], "jax": C_NOISE["jax"], "openai": C_NOISE["openai"]}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import ImageDataset, LoadedClassifier, LoadedDenoiser
+from cpcluster.util.errors import InputError
 
 DENOISERS: dict[str, Callable[[str], LoadedDenoiser]] = {}
 CLASSIFIERS: dict[str, Callable[[str], LoadedClassifier]] = {}

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 import slurm_probes
-from cpcluster.dist import rendezvous_port
 from cpcluster.slurm import SlurmOptions, make_executor, submit_array
+from cpcluster.util.dist import rendezvous_port
 
 pytestmark = pytest.mark.slurm
 
