@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cpcluster.core.shards import ShardData
 from cpcluster.sharding.plan import plan_from_config
-from cpcluster.shards import ShardData
 from cpcluster.util.errors import InputError
 
 

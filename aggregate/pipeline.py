@@ -28,8 +28,8 @@ from cpcluster.aggregate.evaluate import envelopes, evaluate_group
 from cpcluster.aggregate.merge import merge_shards
 from cpcluster.aggregate.plot import plot_png
 from cpcluster.aggregate.report import TABLE_FILES, summary_bytes, table_text, tsv_bytes, tsv_names
-from cpcluster.config import AggregateOptions
-from cpcluster.shards import SHARD_GLOB, expand_paths, read_shard
+from cpcluster.core.config import AggregateOptions
+from cpcluster.core.shards import SHARD_GLOB, expand_paths, read_shard
 from cpcluster.util.errors import InputError
 from cpcluster.util.fileio import filesystem, join_url, read_json, write_files_together
 
@@ -65,7 +65,7 @@ def default_out(paths: list) -> str:
 
 
 def input_files(patterns) -> list:
-    """:func:`cpcluster.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
+    """:func:`cpcluster.core.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
     (folders without any, like an earlier ``aggregate`` output, are skipped)."""
     for p in patterns:
         _refuse_unstarted_run(p)

@@ -94,7 +94,7 @@ def find_shards(patterns) -> list[str]:
     """Run folders, shard files or globs (any fsspec URL) -> the quality shard files; InputError for none."""
     import fsspec
 
-    from cpcluster.shards import expand_paths
+    from cpcluster.core.shards import expand_paths
 
     out = []
     for path in expand_paths(patterns, SHARD_GLOB):

@@ -108,7 +108,7 @@ class Skips:
 
 
 def merge_skipped(shards: Sequence, image_index: np.ndarray, counted: np.ndarray, plan) -> Skips:
-    """Merge the ``skipped`` rows of a group's ``shards`` (see :mod:`cpcluster.shard_extras`).
+    """Merge the ``skipped`` rows of a group's ``shards`` (see :mod:`cpcluster.core.shard_extras`).
 
     ``counted``: (K, 3) ``(image, stream, block)`` of the units counted in the group; ``plan``: its
     :class:`~cpcluster.aggregate.merge.RunPlan`. Raises InputError naming a file for: skips in a run without early

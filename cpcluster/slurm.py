@@ -12,7 +12,7 @@ limit, GPUs, CPUs, memory, constraint, array throttle, extra ``#SBATCH`` options
 * :func:`cpcluster.slurm_dryrun.render_sbatch` returns the sbatch scripts :func:`submit_array` would submit,
   without a cluster (``--dry-run``); they are produced by submitit's own code, so they are the same text;
 * :func:`record_jobs` / :func:`read_jobs` keep the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
-  commands (``status``, ``resubmit``) find them; they live in :mod:`cpcluster.slurm_jobs` with the job-state
+  commands (``status``, ``resubmit``) find them; they live in :mod:`cpcluster.orchestrate.slurm_jobs` with the job-state
   queries (``squeue``/``sacct``) and are re-exported here.
 
 Jobs of several tasks (multi-node fine-tuning) run under ``srun --kill-on-bad-exit=1``: a rank that fails ends the
@@ -35,8 +35,9 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from cpcluster.orchestrate.slurm_jobs import (JOBS_FILE, read_jobs, record_jobs,  # noqa: F401 (re-exported)
+                                              slurm_reachable)
 from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array  # the one chunking rule (re-exported)
-from cpcluster.slurm_jobs import JOBS_FILE, read_jobs, record_jobs, slurm_reachable  # noqa: F401 (re-exported)
 from cpcluster.util.errors import InputError
 
 CLUSTERS = ("slurm", "local", "debug")

@@ -14,7 +14,7 @@ A shard is in one of :data:`STATES`:
 * ``missing``: nothing written and no job recorded for it.
 
 Sources, in this order: the job records ``<run>/jobs.jsonl`` and SLURM's view of those jobs
-(:func:`cpcluster.slurm_jobs.query_job_states`), then the files. SLURM is asked first because a job writes its
+(:func:`cpcluster.orchestrate.slurm_jobs.query_job_states`), then the files. SLURM is asked first because a job writes its
 shard before it ends: a job seen COMPLETED is then always seen with its file. A job unknown to SLURM counts as not
 visible yet for :data:`UNKNOWN_GRACE_S` after its submission (accounting lags), as gone afterwards.
 
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cpcluster.shards import unplanned_units
+from cpcluster.core.shards import unplanned_units
 from cpcluster.util.errors import InputError
 from cpcluster.util.fileio import parse_json, read_regular
 
@@ -125,8 +125,8 @@ def load_run(run_dir: str):
     The plan is recomputed from the record (image selection from the dataset size it names) and checked against
     the record's unit and draw totals.
     """
-    from cpcluster.config import CertifyConfig
-    from cpcluster.runs import RUN_FILE, read_run
+    from cpcluster.core.config import CertifyConfig
+    from cpcluster.core.runs import RUN_FILE, read_run
     from cpcluster.sharding.plan import plan_from_config
 
     record = read_run(run_dir)
@@ -181,9 +181,9 @@ def _locked(path: str, held: set) -> bool:
 
 def _read_complete(url: str, config_hash: str, planned: np.ndarray) -> ShardFiles:
     """A finished shard file, checked as ``certify``, ``resubmit`` and ``aggregate`` check it
-    (:func:`cpcluster.runs.verified_shard`)."""
-    from cpcluster.runs import ShardMismatch, verified_shard
-    from cpcluster.shards import read_shard
+    (:func:`cpcluster.core.runs.verified_shard`)."""
+    from cpcluster.core.runs import ShardMismatch, verified_shard
+    from cpcluster.core.shards import read_shard
 
     def bad(e: InputError, what: str) -> ShardFiles:
         reason = str(e).removeprefix(f"{url}: ").removesuffix("; re-run that shard")
@@ -210,13 +210,14 @@ def shard_files(run_dir: str, index: int, total: int, config_hash: str, planned:
                 held: set | None = None) -> ShardFiles:
     """The file state of shard ``index`` of ``total`` (planned units ``planned``): its HDF5 file, else its journal
     (and lock). A journal holding units its shard does not plan is ``bad``, as the shard job refuses it."""
-    from cpcluster.shards import _journal_path, read_journal, shard_name
+    from cpcluster.core.journal import journal_path, read_journal
+    from cpcluster.core.shards import shard_name
     from cpcluster.util.fileio import exists, join_url
 
     url = join_url(run_dir, shard_name(index, total))
     if exists(url):
         return _read_complete(url, config_hash, planned)
-    journal = _journal_path(url, None)
+    journal = journal_path(url, None)
     locked = _locked(journal + ".lock", _held_locks() if held is None else held)
     try:
         state = read_journal(journal)
@@ -269,14 +270,14 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
     files : ShardFiles
     record : dict or None
         The shard's latest SLURM job record (``jobs.jsonl``), None when it never went to SLURM.
-    job : cpcluster.slurm_jobs.JobState or None
+    job : cpcluster.orchestrate.slurm_jobs.JobState or None
         SLURM's view of ``record``'s job; None when SLURM does not know it (or was not asked).
     queried : bool
         Whether SLURM answered; False means the states come from the files alone.
     now : float
         Unix time of the check (for the grace period of a job not visible yet).
     """
-    from cpcluster.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
+    from cpcluster.orchestrate.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
 
     if files.kind == "complete":
         return "complete", files.detail
@@ -309,7 +310,7 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
 
 
 def _latest_slurm_records(run_dir: str) -> dict:
-    from cpcluster.slurm_jobs import read_jobs
+    from cpcluster.orchestrate.slurm_jobs import read_jobs
 
     latest = {}
     for r in read_jobs(run_dir):
@@ -323,7 +324,7 @@ def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[
 
     Raises :class:`InputError` for a folder without a readable ``run.json`` (before anything else is read).
     """
-    from cpcluster.slurm_jobs import query_job_states
+    from cpcluster.orchestrate.slurm_jobs import query_job_states
 
     loaded = [(run_dir, *load_run(run_dir)) for run_dir in run_dirs]
     records = {run_dir: _latest_slurm_records(run_dir) for run_dir, *_ in loaded}

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from cpcluster.config import FinetuneConfig
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, Diverged,  # noqa: F401
@@ -116,7 +116,7 @@ def preflight(config: FinetuneConfig) -> None:
     check_specs([("denoiser", "--model", config.model), ("dataset", "--data", config.data),
                  ("dataset", "--eval-data", config.eval_data), ("classifier", "--classifier", config.classifier)])
     if needs_lpips(config) and not config.lpips_random_backbone:
-        from cpcluster.losses import check_backbone
+        from cpcluster.core.losses import check_backbone
 
         check_backbone(config.lpips_net)
     check_run_record(config.out, config.run_dict())
@@ -127,7 +127,7 @@ def run(config: FinetuneConfig) -> dict:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from cpcluster.losses import RANDOM_BACKBONE_WARNING, PerceptualLoss, PixelLoss, build_lpips
+    from cpcluster.core.losses import PerceptualLoss, PixelLoss, RANDOM_BACKBONE_WARNING, build_lpips
     from cpcluster.models.consistency import ConsistencyFunction, pixel_to_model, time_for_sigma
     from cpcluster.models.finetuned import export_finetuned
     from cpcluster.models.purifiers import LabelPolicy

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from cpcluster.config_evidence import ClassifierFinetuneConfig
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.jobs.finetune import check_specs, datasets
 from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, TrainingJob, derive_seed, global_batch, rank_rows,

@@ -4,7 +4,7 @@
 ``num_shards`` contiguous pieces), and for each image ``x`` (pixel space [0, 1]) with noise ``z`` drawn from a
 generator seeded by ``(seed, image index)`` -- the same noise for every purifier and every way of splitting --
 computes ``p = purify(x + sigma z)`` (``p = x`` for the clean reference run) and records the Inception features of
-``p`` (:mod:`cpcluster.fid`), ``p`` itself, LPIPS(p, x) and ||p - x||_2 and the classifier's prediction on ``p``
+``p`` (:mod:`cpcluster.core.fid`), ``p`` itself, LPIPS(p, x) and ||p - x||_2 and the classifier's prediction on ``p``
 (``aggregate/quality_io.py`` has the file format). ``aggregate/quality.py`` turns the shards of a dataset's runs
 into FID, transport distance, mean LPIPS / L2 and accuracy per (purifier, sigma).
 
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from cpcluster.config_evidence import QualityConfig
+from cpcluster.core.config_evidence import QualityConfig
 from cpcluster.util.errors import InputError
 from cpcluster.util.signals import Terminated
 
@@ -53,7 +53,7 @@ class QualityShardJob:
 
 def shard_images(config: QualityConfig, size: int) -> list[np.ndarray]:
     """The dataset indices of every shard: the selected images in ``num_shards`` contiguous, near-equal pieces."""
-    from cpcluster.runs import select_images
+    from cpcluster.sharding.plan import select_images
 
     chosen = select_images(size, config.skip, config.max_images, config.indices)
     if config.num_shards > len(chosen):
@@ -100,7 +100,7 @@ class Models:
 def shard_config(config: QualityConfig, models: Models) -> dict:
     """Everything the measurements depend on, as written into every shard and ``run.json`` (hashed like certify's)."""
     from cpcluster import __version__
-    from cpcluster.fid import check_inception
+    from cpcluster.core.fid import check_inception
     from cpcluster.models.weights import sha256_file
 
     if config.inception_random_weights:
@@ -122,8 +122,8 @@ class Measurer:
     """A run's :class:`Models` on ``device`` with the Inception network (FID) and LPIPS."""
 
     def __init__(self, config: QualityConfig, models: Models, device):
-        from cpcluster import fid
-        from cpcluster.losses import PerceptualLoss, build_lpips
+        from cpcluster.core import fid
+        from cpcluster.core.losses import PerceptualLoss, build_lpips
         from cpcluster.models.purifiers import LabelPolicy
 
         self.config, self.device, self.models = config, device, models
@@ -140,7 +140,7 @@ class Measurer:
         """The arrays of ``aggregate/quality_io.py`` for dataset images ``ids``, in batches of ``config.batch``."""
         import torch
 
-        from cpcluster import fid
+        from cpcluster.core import fid
         from cpcluster.models.consistency import pixel_to_model
 
         cfg, out = self.config, {k: [] for k in ("features", "images", "lpips", "l2", "pred")}

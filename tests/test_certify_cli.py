@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 
 SMALL = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "8", "--n0", "20",
          "--n", "200", "--block-size", "100", "--draw-batch", "20", "--batch", "100"]

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from edm_files import write_edm_pickle
 from routes import write_cifar_batch
 from test_models_e2e import CLASSIFIER

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from cpcluster.engine import CountingEngine, draw_noise, needs_generator
+from cpcluster.core.engine import CountingEngine, draw_noise, needs_generator
 from cpcluster.sharding import balanced_ranges, build_units
 from cpcluster.util.errors import InputError
 
@@ -148,7 +148,7 @@ def test_old_seeds_collided_on_the_cpu_and_the_new_states_do_not():
 
 
 def test_cpu_generator_state_layout_is_checked(monkeypatch):
-    from cpcluster import noise
+    from cpcluster.core import noise
 
     noise.check_cpu_layout()
     mine = torch.Generator()

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpcluster.config import FinetuneConfig
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune import FinetuneJob, epoch_order, global_batch, preflight
 from cpcluster.jobs.finetune_eval import derive_seed

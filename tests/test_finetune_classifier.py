@@ -17,7 +17,7 @@ from test_finetune_ddp import final_state, max_difference
 
 from cpcluster.aggregate.finetuning import finetuning_label
 from cpcluster.aggregate.merge import method_name
-from cpcluster.config_evidence import ClassifierFinetuneConfig
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, learning_rate, preflight, purify
 from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
@@ -101,7 +101,7 @@ def test_run_trains_exports_and_the_export_certifies(tmp_path, reference):
     from click.testing import CliRunner
 
     from cpcluster.cli import main
-    from cpcluster.shards import read_shard
+    from cpcluster.core.shards import read_shard
 
     out, result, state = reference
     assert (result["start_step"], result["step"], result["attempt"]) == (0, STEPS, 1)
@@ -154,7 +154,7 @@ def test_two_ranks_match_one_rank(tmp_path, reference):
     assert losses(two["log"]) == pytest.approx(losses(ref["log"]), rel=1e-4)
 
 
-SCRIPT = ("import json, sys; from cpcluster.config_evidence import ClassifierFinetuneConfig as C; "
+SCRIPT = ("import json, sys; from cpcluster.core.config_evidence import ClassifierFinetuneConfig as C; "
           "from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob as J; J(C(**json.loads(sys.argv[1])))()")
 
 

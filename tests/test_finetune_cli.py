@@ -6,9 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cpcluster.cli import main
-from cpcluster.cli import finetune_cmd
-from cpcluster.shards import read_shard
+from cpcluster.cli import finetune_cmd, main
+from cpcluster.core.shards import read_shard
 
 torch.set_num_threads(1)
 TINY = ["--model", "demo-random", "--data", "demo:train", "--eval-data", "demo", "--steps", "2", "--batch-size", "8",

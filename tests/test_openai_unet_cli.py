@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from openai_unet_files import set_args, write_pt
 from routes import write_cifar_batch
 

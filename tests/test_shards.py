@@ -5,7 +5,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cpcluster.shards import ShardWriter, expand_paths, read_journal, read_shard
+from cpcluster.core.journal import read_journal
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import expand_paths, read_shard
 from cpcluster.util.errors import InputError
 from cpcluster.util.fileio import config_hash
 

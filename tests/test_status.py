@@ -1,4 +1,4 @@
-"""cpcluster.status and cpcluster.slurm_jobs without a cluster: shard states from real run folders (files,
+"""cpcluster.status and cpcluster.orchestrate.slurm_jobs without a cluster: shard states from real run folders (files,
 journals, locks), SLURM's view from a fake squeue/sacct on PATH, the state table, speed and ETA."""
 import json
 import os
@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import ShardWriter, read_shard, shard_name
-from cpcluster.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
-                                  record_jobs)
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import read_shard, shard_name
+from cpcluster.orchestrate.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
+                                              record_jobs)
 from cpcluster.status import RESUBMITTABLE, STATES, ShardFiles, collect, decide, load_run, resubmittable
 from cpcluster.status_report import format_duration, format_status
 from cpcluster.util.errors import InputError
@@ -219,7 +220,7 @@ def test_a_running_shard_writes_its_session_into_the_lock_file(tmp_path):
 
 
 def read_journal_header(path):
-    from cpcluster.shards import read_journal
+    from cpcluster.core.journal import read_journal
 
     return json.dumps(read_journal(path).header)
 

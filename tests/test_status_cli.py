@@ -10,8 +10,8 @@ from test_status import (SHARDS, SMALL, SlurmJob, fake_slurm, lock_holder, make_
                          record, reference, run_dir, shard_path)
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
-from cpcluster.slurm_jobs import record_jobs
+from cpcluster.core.shards import read_shard
+from cpcluster.orchestrate.slurm_jobs import record_jobs
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "certify-dry-run-sbatch.txt")
 

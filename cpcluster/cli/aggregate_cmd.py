@@ -9,7 +9,7 @@ import math
 
 import click
 
-from cpcluster.config import AGGREGATE_FORMATS, DEFAULT_RADII, AggregateOptions
+from cpcluster.core.config import AGGREGATE_FORMATS, AggregateOptions, DEFAULT_RADII
 from cpcluster.util.errors import InputError
 
 

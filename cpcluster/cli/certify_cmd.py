@@ -1,6 +1,6 @@
 """``cpcluster certify``: plan, prepare and run (or submit) the sharded certification of a dataset.
 
-Options -> one :class:`~cpcluster.config.CertifyConfig` per sigma -> :mod:`cpcluster.runs` (resolve; check every
+Options -> one :class:`~cpcluster.core.config.CertifyConfig` per sigma -> :mod:`cpcluster.runs` (resolve; check every
 run directory before writing any) -> :mod:`cpcluster.submit` (run or submit
 :class:`cpcluster.jobs.certify.CertifyShardJob` for every unfinished shard) -> where the shards are and the
 ``cpcluster aggregate`` command to run.
@@ -12,7 +12,7 @@ import os
 import click
 
 from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
-from cpcluster.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, CertifyConfig
+from cpcluster.core.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, CertifyConfig
 from cpcluster.submit import EXECUTORS
 from cpcluster.util.errors import InputError
 
@@ -147,7 +147,8 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
       cpcluster certify --sigma 0.5 --n 2000 --max-images 20 --denoiser demo-random --classifier demo-random \\
           --executor local --out /tmp/cp
     """
-    from cpcluster import runs
+    from cpcluster.core import runs
+    from cpcluster.orchestrate import rundir
     from cpcluster.submit import choose_executor, refuse_process_local
 
     if denoiser is None and purifier != "none":
@@ -164,8 +165,8 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
         _print_plan(resolved, models, kind, reason, slurm)
         return
     for run in resolved:
-        runs.check_writable(run.config.run_dir)
-        if runs.check_run_dir(run, overwrite) == "overwrite":
+        rundir.check_writable(run.config.run_dir)
+        if rundir.check_run_dir(run, overwrite) == "overwrite":
             refuse_while_jobs_work(run.config.run_dir)
     execute(resolved, kind, reason, overwrite=overwrite, workers=workers, slurm=slurm)
 
@@ -204,12 +205,12 @@ def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
 
 def _print_sbatch(resolved, slurm: dict) -> None:
     """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.slurm_dryrun.render_sbatch)."""
-    from cpcluster import runs
+    from cpcluster.orchestrate import rundir
     from cpcluster.slurm_dryrun import render_sbatch
 
     options = slurm_options(resolved, slurm)
     for run in resolved:
-        todo = run.plan.num_shards - len(runs.complete_shards(run))
+        todo = run.plan.num_shards - len(rundir.complete_shards(run))
         scripts = render_sbatch(options, todo, _log_folder(run, "slurm")) if todo else []
         for i, script in enumerate(scripts, 1):
             click.echo(f"----- sbatch script {i} of {len(scripts)} for {run.config.run_dir} -----")
@@ -220,10 +221,10 @@ def estimate_rate(run, models) -> tuple[float, str]:
     """Draws/s of the run's purifier + classifier on this machine's best device, and a description of it."""
     import torch
 
-    from cpcluster.engine import measure_rate
+    from cpcluster.core.engine import measure_rate
+    from cpcluster.core.runs import build_purifier
     from cpcluster.jobs.certify import resolve_device
     from cpcluster.models.purifiers import SmoothedBase
-    from cpcluster.runs import build_purifier
 
     device = resolve_device("cpu" if run.config.device == "cpu" else "auto")
     model = SmoothedBase(build_purifier(run.config, models), models.classifier).to(device).eval()
@@ -255,7 +256,7 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
     """
     import dataclasses
 
-    from cpcluster import runs
+    from cpcluster.orchestrate import rundir
     from cpcluster.jobs.certify import CertifyShardJob
     from cpcluster.submit import Task
 
@@ -272,8 +273,8 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
     click.echo(f"executor: {kind} ({reason}){extra}")
     tasks = []
     for run in resolved:
-        action = runs.prepare_run_dir(run, overwrite)
-        done = set(runs.complete_shards(run))
+        action = rundir.prepare_run_dir(run, overwrite)
+        done = set(rundir.complete_shards(run))
         click.echo(f"run {run.config.run_dir}: {action}, {len(done)} of {run.plan.num_shards} shards complete")
         config = dataclasses.replace(run.config, threads=threads) if threads else run.config
         tasks += [Task(CertifyShardJob(config, k), _log_folder(run, kind), {"sigma": run.config.sigma, "shard": k})
@@ -287,7 +288,7 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
 
 
 def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
-    from cpcluster import runs
+    from cpcluster.orchestrate import rundir
     from cpcluster.jobs.certify import ShardTerminated
     from cpcluster.submit import run_debug, run_local
     from cpcluster.util.progress import advance_to, progress_bar
@@ -296,7 +297,7 @@ def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
     bar = progress_bar(sum(run.plan.total_draws for run in resolved), unit="draw", desc="certify")
 
     def poll():
-        advance_to(bar, sum(runs.shard_draws_done(run, k) for run, k in shards))
+        advance_to(bar, sum(rundir.shard_draws_done(run, k) for run, k in shards))
 
     try:
         if kind == "local":
@@ -343,10 +344,10 @@ def _submit(resolved, tasks, slurm: dict) -> None:
 
 
 def _summary(resolved, kind: str) -> None:
-    from cpcluster import runs
+    from cpcluster.orchestrate import rundir
 
     for run in resolved:
-        n = len(runs.complete_shards(run))
+        n = len(rundir.complete_shards(run))
         click.echo(f"shards: {run.config.run_dir}/shard-*-of-{run.plan.num_shards:05d}.h5 "
                    f"({n} of {run.plan.num_shards} complete)")
     dirs = " ".join(run.config.run_dir for run in resolved)

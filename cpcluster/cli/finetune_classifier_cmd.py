@@ -10,7 +10,8 @@ from __future__ import annotations
 import click
 
 from cpcluster.cli.finetune_cmd import SUBMIT_KEYS, job_options, layout, parse_sigmas, submit_job
-from cpcluster.config_evidence import BATCHNORM_MODES, OPTIMIZERS, PURIFIER_KINDS, SCHEDULES, ClassifierFinetuneConfig
+from cpcluster.core.config_evidence import (BATCHNORM_MODES, ClassifierFinetuneConfig, OPTIMIZERS, PURIFIER_KINDS,
+                                            SCHEDULES)
 
 
 @click.command("finetune-classifier", context_settings={"show_default": True, "max_content_width": 110})

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from cpcluster.config import FINETUNE_LOSSES, LPIPS_NETS, FinetuneConfig
+from cpcluster.core.config import FINETUNE_LOSSES, FinetuneConfig, LPIPS_NETS
 from cpcluster.slurm import SlurmOptions, make_executor
 from cpcluster.util.errors import InputError
 
@@ -161,8 +161,8 @@ def finetune(sigmas, gpus_per_node, ranks_per_node, **options):
     submit = {k: options.pop(k) for k in SUBMIT_KEYS}
     ranks, device, options["out"] = layout(gpus_per_node, ranks_per_node, options["out"])
     config = FinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks, device=device, **options)
+    from cpcluster.core.losses import RANDOM_BACKBONE_WARNING
     from cpcluster.jobs.finetune import FinetuneJob, preflight
-    from cpcluster.losses import RANDOM_BACKBONE_WARNING
 
     preflight(config)
     warning = RANDOM_BACKBONE_WARNING.format(net=config.lpips_net) if config.lpips_random_backbone else None

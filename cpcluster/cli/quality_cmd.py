@@ -13,7 +13,7 @@ import re
 import click
 
 from cpcluster.cli.certify_cmd import array_slurm_options, parse_indices, shard_submit_options
-from cpcluster.config_evidence import PURIFIER_KINDS, QualityConfig
+from cpcluster.core.config_evidence import PURIFIER_KINDS, QualityConfig
 from cpcluster.util.errors import InputError
 
 
@@ -56,7 +56,7 @@ def build_configs(purifiers, sigmas, out: str, **fields) -> list[QualityConfig]:
 
 def preflight(configs: list[QualityConfig]) -> None:
     """Spec kinds and local paths, the Inception weights and the LPIPS trunk, before anything runs (InputError)."""
-    from cpcluster.fid import check_inception
+    from cpcluster.core.fid import check_inception
     from cpcluster.jobs.finetune import check_specs
 
     first = configs[0]
@@ -65,7 +65,7 @@ def preflight(configs: list[QualityConfig]) -> None:
     if not first.inception_random_weights:
         check_inception(first.inception_weights)
     if not first.lpips_random_backbone:
-        from cpcluster.losses import check_backbone
+        from cpcluster.core.losses import check_backbone
 
         check_backbone(first.lpips_net)
 

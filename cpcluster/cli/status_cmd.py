@@ -130,8 +130,8 @@ def _resolve(run_dir: str, given: dict):
     ``given``: the specs typed on the command line, which must confirm any recorded spec that runs code
     (:func:`cpcluster.models.specs.confirm_recorded_specs`), checked before anything is loaded.
     """
-    from cpcluster import runs
-    from cpcluster.config import CertifyConfig
+    from cpcluster.core import runs
+    from cpcluster.core.config import CertifyConfig
     from cpcluster.models.specs import confirm_recorded_specs
 
     record = runs.read_run(run_dir)
@@ -157,7 +157,7 @@ def _resolve(run_dir: str, given: dict):
 
 def _slurm_settings(run_dirs, **given) -> dict:
     """The SLURM settings for resubmitting: those given, else those of the runs' latest recorded submission."""
-    from cpcluster.slurm_jobs import read_jobs
+    from cpcluster.orchestrate.slurm_jobs import read_jobs
 
     last = {}
     for run_dir in run_dirs:

@@ -42,7 +42,7 @@ class EvidencePlan:
 
 def cls_config(plan, root: str, prefix: str, denoiser: str):
     """The ClassifierFinetuneConfig of one demo classifier run, into ``<root>/<prefix>``."""
-    from cpcluster.config_evidence import ClassifierFinetuneConfig
+    from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 
     ev = plan.evidence
     steps = ev.cls_ft["steps"]

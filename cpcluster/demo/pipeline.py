@@ -71,7 +71,7 @@ PRESETS = {"full": FULL, "quick": QUICK}
 
 
 def finetune_config(plan: DemoPlan, root: str):
-    from cpcluster.config import FinetuneConfig
+    from cpcluster.core.config import FinetuneConfig
 
     steps = plan.finetune["steps"]
     return FinetuneConfig(out=os.path.join(root, "finetune"), checkpoint_every=max(1, steps // 20),
@@ -200,7 +200,7 @@ def run_certify(args: list[str], echo: Callable) -> None:
 
 def run_aggregate(plan: DemoPlan, root: str, echo: Callable):
     from cpcluster.aggregate.pipeline import run_aggregate as aggregate
-    from cpcluster.config import AggregateOptions
+    from cpcluster.core.config import AggregateOptions
 
     dirs = run_dirs(plan, root)
     out = os.path.join(root, "aggregate")
@@ -275,10 +275,10 @@ def demo_paths(plan: DemoPlan, root: str) -> list[str]:
 
 
 def _stages(plan: DemoPlan, root: str, echo: Callable, warn: Callable, workers: int) -> DemoResult:
+    from cpcluster.core.fid import RANDOM_WEIGHTS_WARNING
+    from cpcluster.core.losses import RANDOM_BACKBONE_WARNING
     from cpcluster.demo import evidence
-    from cpcluster.fid import RANDOM_WEIGHTS_WARNING
     from cpcluster.jobs.finetune_io import read_metrics
-    from cpcluster.losses import RANDOM_BACKBONE_WARNING
 
     seconds, start, ev = {}, time.perf_counter(), plan.evidence
     config = finetune_config(plan, root)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cpcluster.config import check_label_policy
+from cpcluster.core.config import check_label_policy
 from cpcluster.models.consistency import ConsistencyFunction, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
 from cpcluster.util.errors import InputError

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard, shard_name
+from cpcluster.core.shards import read_shard, shard_name
 from cpcluster.slurm import cluster_max_array_size, read_jobs, split_array
 from cpcluster.status import collect
 
@@ -117,7 +117,7 @@ def test_unknown_partition_is_slurms_message_in_one_line(tmp_path):
 
 
 def _units_recorded(run_dir, k, total):
-    from cpcluster.shards import read_journal
+    from cpcluster.core.journal import read_journal
 
     state = read_journal(os.path.join(run_dir, shard_name(k, total)) + ".journal")
     return 0 if state is None else len(state.units)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.config import FinetuneConfig
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs.finetune import FinetuneJob
 
 pytestmark = pytest.mark.slurm

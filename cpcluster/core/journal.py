@@ -1,4 +1,4 @@
-"""The journal of a running shard: its progress, one durable record per unit (see :mod:`cpcluster.shards`).
+"""The journal of a running shard: its progress, one durable record per unit (see :mod:`cpcluster.core.shards`).
 
 Layout: ``MAGIC``, the header length (``<Q``), the header (UTF-8 JSON: ``config_hash``, ``num_classes``,
 ``config``, ``shard``, ``image_index``, ``labels``) and its CRC32 (``<I``); then one record per unit:

@@ -2,7 +2,7 @@
 
 For each unit ``[image, stream, block, n_draws]`` (see :mod:`cpcluster.sharding.plan`) the engine draws the unit's
 noise batches on the device, each from a generator in the state of batch ``(seed, image, stream, j)``
-(:mod:`cpcluster.noise`, :mod:`cpcluster.sharding.seeds`), adds them to the clean image, runs the
+(:mod:`cpcluster.core.noise`, :mod:`cpcluster.sharding.seeds`), adds them to the clean image, runs the
 base classifier ``f(x + delta) = clf(D(x + delta))`` and counts ``argmax`` labels with ``torch.bincount`` on the
 device. Only finished units' counts (C int64 values each) go to the host, through ``on_unit``.
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cpcluster.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
+from cpcluster.core.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
 from cpcluster.sharding.seeds import unit_batches
 from cpcluster.util.errors import InputError
 

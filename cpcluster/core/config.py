@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cpcluster.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
+from cpcluster.core.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
 from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
 from cpcluster.util.errors import InputError
 

@@ -1,5 +1,5 @@
 """Frozen dataclass configs of the jobs behind the paper's other evidence: classifier fine-tuning (CLS-FT) and
-purification quality. Like :mod:`cpcluster.config`, they are what gets pickled, hashed and written beside results;
+purification quality. Like :mod:`cpcluster.core.config`, they are what gets pickled, hashed and written beside results;
 invalid values raise :class:`InputError` at construction.
 """
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpcluster.config import TrainingConfig, check_choices, check_training
+from cpcluster.core.config import TrainingConfig, check_choices, check_training
 from cpcluster.util.errors import InputError
 
 # ------------------------------------------------------------------------------------------ classifier fine-tuning
