@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from test_finetune_cli import assert_one_line_error
 
 from cpcluster.cli import main
-from cpcluster.grid import GREEN, RED, compose, make_grid
+from cpcluster.orchestrate.grid import GREEN, RED, compose, make_grid
 
 torch.set_num_threads(1)
 IDS = [0, 7, 21, 40, 55, 63]

@@ -1,7 +1,7 @@
 """``cpcluster certify``: plan, prepare and run (or submit) the sharded certification of a dataset.
 
 Options -> one :class:`~cpcluster.core.config.CertifyConfig` per sigma -> :mod:`cpcluster.runs` (resolve; check every
-run directory before writing any) -> :mod:`cpcluster.submit` (run or submit
+run directory before writing any) -> :mod:`cpcluster.orchestrate.submit` (run or submit
 :class:`cpcluster.jobs.certify.CertifyShardJob` for every unfinished shard) -> where the shards are and the
 ``cpcluster aggregate`` command to run.
 """
@@ -13,7 +13,7 @@ import click
 
 from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
 from cpcluster.core.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, CertifyConfig
-from cpcluster.submit import EXECUTORS
+from cpcluster.orchestrate.submit import EXECUTORS
 from cpcluster.util.errors import InputError
 
 DEFAULT_NAME = "{mode}-{purifier}-sigma{sigma}"
@@ -149,7 +149,7 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
     """
     from cpcluster.core import runs
     from cpcluster.orchestrate import rundir
-    from cpcluster.submit import choose_executor, refuse_process_local
+    from cpcluster.orchestrate.submit import choose_executor, refuse_process_local
 
     if denoiser is None and purifier != "none":
         denoiser = "demo"
@@ -173,7 +173,7 @@ def certify(sigmas, shards, out, name, executor, workers, partition, account, ti
 
 def refuse_while_jobs_work(run_dir: str) -> None:
     """InputError when jobs of the run being replaced still run or wait: they would write into the new run."""
-    from cpcluster.status import busy_shards
+    from cpcluster.orchestrate.status import busy_shards
 
     busy = busy_shards(run_dir)
     if busy:
@@ -204,9 +204,9 @@ def _print_plan(resolved, models, kind: str, reason: str, slurm: dict) -> None:
 
 
 def _print_sbatch(resolved, slurm: dict) -> None:
-    """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.slurm_dryrun.render_sbatch)."""
+    """The sbatch script(s) each run's unfinished shards would be submitted with (cpcluster.orchestrate.slurm_dryrun.render_sbatch)."""
     from cpcluster.orchestrate import rundir
-    from cpcluster.slurm_dryrun import render_sbatch
+    from cpcluster.orchestrate.slurm_dryrun import render_sbatch
 
     options = slurm_options(resolved, slurm)
     for run in resolved:
@@ -256,9 +256,9 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
     """
     import dataclasses
 
-    from cpcluster.orchestrate import rundir
     from cpcluster.jobs.certify import CertifyShardJob
-    from cpcluster.submit import Task
+    from cpcluster.orchestrate import rundir
+    from cpcluster.orchestrate.submit import Task
 
     gpus = 0
     if kind == "local" and resolved[0].config.device != "cpu":
@@ -288,9 +288,9 @@ def execute(resolved, kind: str, reason: str, *, overwrite: bool, workers: int |
 
 
 def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
-    from cpcluster.orchestrate import rundir
     from cpcluster.jobs.certify import ShardTerminated
-    from cpcluster.submit import run_debug, run_local
+    from cpcluster.orchestrate import rundir
+    from cpcluster.orchestrate.submit import run_debug, run_local
     from cpcluster.util.progress import advance_to, progress_bar
 
     shards = [(run, k) for run in resolved for k in range(run.plan.num_shards)]
@@ -313,13 +313,13 @@ def _run_here(resolved, tasks, kind: str, workers: int, gpus: int) -> None:
 
 
 def slurm_options(resolved, slurm: dict):
-    """The :class:`~cpcluster.slurm.SlurmOptions` of the shard jobs (one GPU each unless ``--device cpu``)."""
+    """The :class:`~cpcluster.orchestrate.slurm.SlurmOptions` of the shard jobs (one GPU each unless ``--device cpu``)."""
     return array_slurm_options(resolved[0].config.device, slurm, "cpcluster-certify")
 
 
 def array_slurm_options(device: str, slurm: dict, job_name: str):
     """SlurmOptions of array shard jobs from :func:`shard_submit_options`' values: one GPU each unless CPU."""
-    from cpcluster.slurm import SlurmOptions, parse_sbatch_options
+    from cpcluster.orchestrate.slurm import SlurmOptions, parse_sbatch_options
 
     return SlurmOptions(partition=slurm["partition"], account=slurm["account"], time_min=slurm["time_min"],
                         gpus_per_node=None if device == "cpu" else 1, array_parallelism=slurm["array_parallelism"],
@@ -327,8 +327,8 @@ def array_slurm_options(device: str, slurm: dict, job_name: str):
 
 
 def _submit(resolved, tasks, slurm: dict) -> None:
-    from cpcluster.slurm import record_jobs
-    from cpcluster.submit import submit_slurm
+    from cpcluster.orchestrate.slurm_jobs import record_jobs
+    from cpcluster.orchestrate.submit import submit_slurm
 
     options = slurm_options(resolved, slurm)
     submit = {k: list(v) if k == "sbatch_extra" else v for k, v in slurm.items()}  # for `cpcluster resubmit`

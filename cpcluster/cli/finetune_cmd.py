@@ -11,7 +11,7 @@ import os
 import click
 
 from cpcluster.core.config import FINETUNE_LOSSES, FinetuneConfig, LPIPS_NETS
-from cpcluster.slurm import SlurmOptions, make_executor
+from cpcluster.orchestrate.slurm import SlurmOptions, make_executor
 from cpcluster.util.errors import InputError
 
 
@@ -35,7 +35,7 @@ def check_layout(kind: str, nodes: int, ranks_per_node: int) -> None:
 
 def build_executor(kind: str, folder: str, nodes: int, ranks_per_node: int, gpus_per_node: int,
                    job_name: str = "cpcluster-finetune", **slurm):
-    """The submitit executor of one DDP job of ``nodes x ranks_per_node`` tasks (``cpcluster.slurm`` factory)."""
+    """The submitit executor of one DDP job of ``nodes x ranks_per_node`` tasks (``cpcluster.orchestrate.slurm`` factory)."""
     check_layout(kind, nodes, ranks_per_node)
     options = SlurmOptions(nodes=nodes, tasks_per_node=ranks_per_node, gpus_per_node=gpus_per_node or None,
                            job_name=job_name, **slurm)
@@ -85,7 +85,7 @@ def submit_job(job, config, submit: dict, gpus_per_node: int, next_step: str, jo
     debug executor) wait and print every rank's summary. ``submit``: the :data:`SUBMIT_KEYS` options;
     ``next_step`` names how the result is used (``{final}`` is the result folder); ``warning`` is printed (red, on
     stderr) once every check has passed."""
-    from cpcluster.submit import choose_executor, refuse_process_local
+    from cpcluster.orchestrate.submit import choose_executor, refuse_process_local
     from cpcluster.util.fileio import is_local, join_url
 
     folder = submit["log_dir"] or (join_url(config.out, "submitit") if is_local(config.out)

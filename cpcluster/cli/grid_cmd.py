@@ -33,7 +33,7 @@ def grid(purifiers, sigma, indices, dataset, classifier, seed, time_rule, purifi
       cpcluster grid --dataset cifar10:/data/cifar-10-batches-py --classifier "$CLF" --sigma 0.5 \\
           --purifier cd=consistency:diffusers:/ckpt/cd --purifier ft=consistency:finetuned:/runs/ft/final
     """
-    from cpcluster.grid import make_grid, write_grid
+    from cpcluster.orchestrate.grid import make_grid, write_grid
 
     rows = [parse_purifier(p) for p in purifiers]
     arrays = make_grid(dataset, classifier, rows, sigma, parse_indices(indices), seed, time_rule, purifier_label,

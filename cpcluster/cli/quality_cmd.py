@@ -136,7 +136,7 @@ def quality(purifiers, sigmas, out, indices, executor, workers, partition, accou
           --purifier cd=consistency:diffusers:/ckpt/cd --purifier ft=consistency:finetuned:/runs/ft/final \\
           --sigma 0.25 --sigma 0.5 --sigma 1.0 --shards 10 --executor slurm --out /shared/quality
     """
-    from cpcluster.submit import Task, choose_executor, run_debug, run_local, submit_slurm
+    from cpcluster.orchestrate.submit import Task, choose_executor, run_debug, run_local, submit_slurm
     from cpcluster.util.fileio import is_local
 
     from cpcluster.jobs.quality import QualityShardJob

@@ -1,6 +1,6 @@
 """``cpcluster status`` and ``cpcluster resubmit``: where certify runs stand, and rerunning their dead shards.
 
-Both read a run folder's ``run.json``, shard files, journals and job records (:mod:`cpcluster.status`), and ask
+Both read a run folder's ``run.json``, shard files, journals and job records (:mod:`cpcluster.orchestrate.status`), and ask
 SLURM about the recorded jobs when it is reachable. ``resubmit`` then hands the failed, missing and partial shards
 to the same path ``cpcluster certify`` uses (:func:`cpcluster.cli.certify_cmd.execute`), which records the new jobs.
 """
@@ -10,7 +10,7 @@ import json
 
 import click
 
-from cpcluster.submit import EXECUTORS
+from cpcluster.orchestrate.submit import EXECUTORS
 from cpcluster.util.errors import InputError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -35,8 +35,8 @@ def status(run_dirs, all_shards, no_slurm, as_json):
       cpcluster status results/certify-consistency-sigma0.5
       cpcluster status results/*/ --no-slurm --json
     """
-    from cpcluster.status import collect
-    from cpcluster.status_report import format_status
+    from cpcluster.orchestrate.status import collect
+    from cpcluster.orchestrate.status_report import format_status
 
     runs = collect(list(run_dirs), use_slurm=not no_slurm)
     for i, run in enumerate(runs):
@@ -82,8 +82,8 @@ def resubmit(run_dirs, executor, workers, partition, account, time_min, array_pa
       cpcluster resubmit results/certify-consistency-sigma0.5 --partition long --time-min 600
       cpcluster resubmit results/certify-consistency-sigma0.5 --executor local --dry-run
     """
-    from cpcluster.status import collect, resubmittable
-    from cpcluster.submit import choose_executor
+    from cpcluster.orchestrate.status import collect, resubmittable
+    from cpcluster.orchestrate.submit import choose_executor
 
     statuses = collect(list(run_dirs))
     unreachable = [s.run_dir for s in statuses if s.slurm == "unreachable"]

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 
 from cpcluster.cli import main
 from cpcluster.core.shards import read_shard, shard_name
-from cpcluster.slurm import cluster_max_array_size, read_jobs, split_array
-from cpcluster.status import collect
+from cpcluster.orchestrate.slurm_arrays import cluster_max_array_size
+from cpcluster.orchestrate.slurm_jobs import read_jobs
+from cpcluster.orchestrate.status import collect
+from cpcluster.sharding.arrays import split_array
 
 pytestmark = pytest.mark.slurm
 MODELS = ["--denoiser", "demo-random", "--classifier", "demo-random", "--device", "cpu", "--time-min", "10"]

@@ -2,7 +2,7 @@
 
 Executors (``--executor``):
 
-* ``slurm``: one job array per run through submitit (:mod:`cpcluster.slurm` builds the executor, splits arrays
+* ``slurm``: one job array per run through submitit (:mod:`cpcluster.orchestrate.slurm` builds the executor, splits arrays
   above ``MaxArraySize`` and records job ids); the command returns once the arrays are queued.
 * ``local``: submitit's :class:`LocalExecutor`, one subprocess per shard, at most ``workers`` at a time (one per
   GPU, or one on a CPU-only machine), each pinned to its own GPU; the command waits for them.
@@ -35,7 +35,7 @@ def choose_executor(requested: str) -> tuple[str, str]:
         return requested, "as requested"
     if shutil.which("sbatch") is None:
         return "local", "auto: no SLURM here (sbatch is not on PATH)"
-    from cpcluster.slurm import slurm_reachable
+    from cpcluster.orchestrate.slurm_jobs import slurm_reachable
 
     if not slurm_reachable():
         return "local", "auto: sbatch is on PATH but the SLURM controller does not answer (sinfo)"
@@ -154,7 +154,8 @@ def run_debug(tasks: Sequence[Task], poll: Callable[[], None] | None = None) -> 
 
 def submit_slurm(tasks: Sequence[Task], options) -> list:
     """Submit ``tasks`` (all with the same log folder) as SLURM job arrays; return the submitit jobs."""
-    from cpcluster.slurm import make_executor, submit_array
+    from cpcluster.orchestrate.slurm import make_executor
+    from cpcluster.orchestrate.slurm_arrays import submit_array
 
     if not tasks:
         return []

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cpcluster.demo.evidence import EvidencePlan
+from cpcluster.orchestrate.demo_evidence import EvidencePlan
 from cpcluster.util.errors import InputError
 
 # (run-name prefix, what it is, certify options naming the purifier)
@@ -49,7 +49,7 @@ class DemoPlan:
     batch: int = 400
     radii: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
-    evidence: EvidencePlan = field(default_factory=EvidencePlan)  # CLS-FT, quality, grid (cpcluster/demo/evidence.py)
+    evidence: EvidencePlan = field(default_factory=EvidencePlan)  # CLS-FT, quality, grid (cpcluster/orchestrate/demo_evidence.py)
 
 
 FINETUNE_COMMON = dict(model="demo", data="demo:train", eval_data="demo", loss="lpips", lpips_net="alex",
@@ -101,7 +101,7 @@ def _block(plan: DemoPlan) -> int:
 
 
 def run_dirs(plan: DemoPlan, root: str) -> list[str]:
-    from cpcluster.demo.evidence import cls_run_dirs
+    from cpcluster.orchestrate.demo_evidence import cls_run_dirs
 
     return [os.path.join(root, "certify", f"{m[0]}-sigma{s:g}") for m in METHODS for s in plan.sigmas] + \
         cls_run_dirs(plan, root)
@@ -148,12 +148,12 @@ def run_finetune(config, echo: Callable, target: str = "purifier", desc: str = "
 
     ``target`` ``"purifier"``: :class:`cpcluster.jobs.finetune.FinetuneJob`; ``"classifier"``:
     :class:`cpcluster.jobs.finetune_classifier.ClassifierFinetuneJob`. The job runs on ``config.ranks_per_node``
-    CPU ranks (gloo) through submitit's local executor, built by :func:`cpcluster.slurm.make_executor` as
+    CPU ranks (gloo) through submitit's local executor, built by :func:`cpcluster.orchestrate.slurm.make_executor` as
     ``cpcluster finetune`` does. The bar follows the checkpoints the job writes.
     """
     from cpcluster.jobs import finetune, finetune_classifier
     from cpcluster.jobs.finetune_io import list_checkpoints
-    from cpcluster.slurm import SlurmOptions, make_executor
+    from cpcluster.orchestrate.slurm import SlurmOptions, make_executor
     from cpcluster.util.progress import advance_to, progress_bar
 
     jobs = {"purifier": (finetune.FinetuneJob, finetune.preflight),
@@ -268,7 +268,7 @@ def run_demo(plan: DemoPlan, out: str, echo: Callable = print, warn: Callable | 
 
 def demo_paths(plan: DemoPlan, root: str) -> list[str]:
     """The folders a demo run writes under ``root``: fine-tuning runs, certify runs, aggregation, quality."""
-    from cpcluster.demo.evidence import CLS_RUNS
+    from cpcluster.orchestrate.demo_evidence import CLS_RUNS
 
     return [os.path.join(root, "finetune"), *(os.path.join(root, p) for p, _, _ in CLS_RUNS), *run_dirs(plan, root),
             os.path.join(root, "aggregate"), os.path.join(root, "quality")]

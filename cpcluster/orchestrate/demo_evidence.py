@@ -52,8 +52,8 @@ def cls_config(plan, root: str, prefix: str, denoiser: str):
 
 def run_classifiers(plan, root: str, final: str, echo: Callable) -> dict:
     """Fine-tune (or reuse) the two demo classifiers; ``{prefix: (final folder, [eval records])}``."""
-    from cpcluster.demo.pipeline import run_finetune
     from cpcluster.jobs.finetune_io import read_metrics
+    from cpcluster.orchestrate.demo import run_finetune
 
     out = {}
     for prefix, what, denoiser in CLS_RUNS:
@@ -73,7 +73,7 @@ def run_classifiers(plan, root: str, final: str, echo: Callable) -> dict:
 def cls_certify_args(plan, root: str, prefix: str, denoiser: str, classifier: str, workers: int) -> list[str]:
     """``cpcluster certify`` arguments of one CLS-FT run: the main runs' settings at the evidence sigma only, in
     ``cls_shards`` shards (the counts do not depend on the split; one per core of a 2-core machine idles none)."""
-    from cpcluster.demo.pipeline import certify_args
+    from cpcluster.orchestrate.demo import certify_args
 
     return certify_args(plan, root, (prefix, "", ("--denoiser", denoiser)), "", workers,
                         sigmas=(plan.evidence.sigma,), classifier=classifier, shards=plan.evidence.cls_shards)
