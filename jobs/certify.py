@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     The run is rebuilt from ``RUN_DIR/run.json``; a recorded spec that runs code when loaded must be repeated with
     ``--denoiser`` / ``--classifier`` (:func:`cpcluster.models.specs.confirm_recorded_specs`).
     """
-    from cpcluster.core.runs import read_run
+    from cpcluster.core.runs import recorded_run
     from cpcluster.models.specs import confirm_recorded_specs
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -368,13 +368,7 @@ def main(argv=None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        record = read_run(args[0])
-        if record is None:
-            raise InputError(f"{args[0]}: no run.json; prepare the run with `cpcluster certify` first")
-        try:
-            config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{args[0]}/run.json: its certify config cannot be read ({e})") from None
+        _, config = recorded_run(args[0])
         confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier}, given,
                                f"{args[0]}/run.json")
         print(CertifyShardJob(config, int(args[1]))())

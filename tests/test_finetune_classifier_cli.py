@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 from test_finetune_cli import assert_one_line_error
 
-from cpcluster.cli import finetune_cmd, main
+from cpcluster.cli import main
+from cpcluster.orchestrate import slurm
 
 torch.set_num_threads(1)
 TINY = ["--classifier", "demo", "--data", "demo:train", "--eval-data", "demo", "--sigmas", "0.5", "--steps", "2",
@@ -23,7 +24,7 @@ def no_submit(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a job was submitted")
 
-    monkeypatch.setattr(finetune_cmd, "make_executor", refuse)
+    monkeypatch.setattr(slurm, "make_executor", refuse)
     return tmp_path
 
 

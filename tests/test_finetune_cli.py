@@ -6,7 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cpcluster.cli import finetune_cmd, main
+from cpcluster.cli import main
+from cpcluster.orchestrate import slurm
 from cpcluster.core.shards import read_shard
 
 torch.set_num_threads(1)
@@ -20,7 +21,7 @@ def no_submit(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a job was submitted")
 
-    monkeypatch.setattr(finetune_cmd, "make_executor", refuse)
+    monkeypatch.setattr(slurm, "make_executor", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return tmp_path
 

@@ -1,7 +1,7 @@
 """``cpcluster finetune-classifier``: CLS-FT as a DDP job (parse, validate, pre-submit checks, submit).
 
 A command of its own rather than ``cpcluster finetune --target classifier``: the two jobs share their layout and
-submission options (:func:`cpcluster.cli.finetune_cmd.job_options`) but not their training options (a classifier
+submission options (:func:`cpcluster.cli.options.job_options`) but not their training options (a classifier
 run has an optimizer, a schedule, a BatchNorm mode and a frozen purifier; a purifier run has LPIPS), so one command
 per target keeps every option in ``--help`` meaningful for the run it starts.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.finetune_cmd import SUBMIT_KEYS, job_options, layout, parse_sigmas, submit_job
+from cpcluster.cli.finetune_cmd import _warn, parse_sigmas
+from cpcluster.cli.options import job_options
 from cpcluster.core.config_evidence import (BATCHNORM_MODES, ClassifierFinetuneConfig, OPTIMIZERS, PURIFIER_KINDS,
                                             SCHEDULES)
 
@@ -48,7 +49,7 @@ from cpcluster.core.config_evidence import (BATCHNORM_MODES, ClassifierFinetuneC
 @click.option("--log-every", default=10, type=int)
 @click.option("--seed", default=0, type=int, help="Data order and noise.")
 @job_options
-def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, denoiser, purifier, **options):
+def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, submit, denoiser, purifier, **options):
     """Fine-tune a classifier on purified noisy images, the purifier frozen (CLS-FT; multi-node DDP via submitit).
 
     Cross-entropy of classifier(purify(x + noise)) at the --sigmas, with the purifier that certification uses.
@@ -63,14 +64,13 @@ def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, denoiser, purifie
           --optimizer sgd --lr 0.01 --schedule cosine --warmup-steps 500 --out /shared/runs/both --executor slurm
     The result, <out>/final, certifies with `cpcluster certify --classifier finetuned:<out>/final`.
     """
-    submit = {k: options.pop(k) for k in SUBMIT_KEYS}
+    from cpcluster.orchestrate.finetune import layout, submit_training, training_job
+
     ranks, device, options["out"] = layout(gpus_per_node, ranks_per_node, options["out"])
     if denoiser is None and purifier != "none":
         denoiser = "demo"
     config = ClassifierFinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks, device=device,
                                       denoiser=denoiser, purifier=purifier, **options)
-    from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, preflight
-
-    preflight(config)
-    submit_job(ClassifierFinetuneJob(config), config, submit, gpus_per_node,
-               "`cpcluster certify --classifier finetuned:{final}`", "cpcluster-finetune-classifier")
+    submit_training(training_job(config), config, submit, gpus_per_node,
+                    "`cpcluster certify --classifier finetuned:{final}`", "cpcluster-finetune-classifier",
+                    echo=click.echo, warn=_warn)

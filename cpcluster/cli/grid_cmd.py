@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.certify_cmd import parse_indices
-from cpcluster.cli.quality_cmd import parse_purifier
+from cpcluster.cli.options import CONTEXT
+from cpcluster.core.config import parse_indices
 
 
-@click.command("grid", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command("grid", context_settings=CONTEXT)
 @click.option("--purifier", "purifiers", multiple=True, metavar="[NAME=]KIND[:DENOISER]",
               help="A purifier row, e.g. consistency:demo or ft=consistency:finetuned:runs/ft/final; repeat.")
 @click.option("--sigma", type=float, required=True, help="Pixel-space noise level.")
@@ -33,13 +33,7 @@ def grid(purifiers, sigma, indices, dataset, classifier, seed, time_rule, purifi
       cpcluster grid --dataset cifar10:/data/cifar-10-batches-py --classifier "$CLF" --sigma 0.5 \\
           --purifier cd=consistency:diffusers:/ckpt/cd --purifier ft=consistency:finetuned:/runs/ft/final
     """
-    from cpcluster.orchestrate.grid import make_grid, write_grid
+    from cpcluster.orchestrate.grid import draw_grid
 
-    rows = [parse_purifier(p) for p in purifiers]
-    arrays = make_grid(dataset, classifier, rows, sigma, parse_indices(indices), seed, time_rule, purifier_label,
-                       purifier_steps, device)
-    png, npz = write_grid(arrays, out, scale)
-    right = arrays["correct"].sum(axis=1)
-    for name, k in zip(arrays["rows"], right):
-        click.echo(f"{name}: classifier right on {k} of {arrays['correct'].shape[1]}")
-    click.echo(f"wrote {png} and {npz}")
+    draw_grid(purifiers, sigma, parse_indices(indices), out, dataset, classifier, seed, time_rule, purifier_label,
+              purifier_steps, device, scale, echo=click.echo)

@@ -192,6 +192,28 @@ class CertifyConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+MAX_INDICES = 10**7  # --indices longer than this: use --skip and --max-images
+
+
+def parse_indices(text: str | None) -> tuple | None:
+    """``"0,5,10-19"`` -> (0, 5, 10, 11, ..., 19); None stays None."""
+    if text is None:
+        return None
+    out = []
+    try:
+        for item in (t.strip() for t in text.split(",")):
+            lo, dash, hi = item.partition("-")
+            part = range(int(lo), int(hi) + 1) if dash else [int(item)]
+            if len(out) + len(part) > MAX_INDICES:
+                raise InputError(f"--indices {text[:40]!r}: more than {MAX_INDICES:,} indices; use --skip and "
+                                 "--max-images for large selections")
+            out.extend(part)
+    except ValueError:
+        raise InputError(f"--indices {text!r}: give comma-separated indices or ranges, e.g. --indices 0,5,10-19") \
+            from None
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------------------- finetune
 FINETUNE_LOSSES = ("lpips", "l2", "l1")
 LPIPS_NETS = ("vgg", "alex")

@@ -135,6 +135,24 @@ def read_run(run_dir: str) -> dict | None:
         raise InputError(f"{e}; the run record is damaged (use --overwrite to start over)") from None
 
 
+def recorded_run(run_dir: str) -> tuple[dict, CertifyConfig]:
+    """``(run.json record, the CertifyConfig it records)`` of ``run_dir``, without loading models.
+
+    Raises :class:`InputError` naming the folder when it holds no ``run.json`` or one that does not describe a
+    certify run. The config's specs come from a file: confirm the ones that run code before loading them
+    (:func:`cpcluster.models.specs.confirm_recorded_specs`).
+    """
+    record = read_run(run_dir)
+    if record is None:
+        raise InputError(f"{run_dir}: no {RUN_FILE}; not a certify run folder (give the <out>/<name> folder that "
+                         "`cpcluster certify` printed)")
+    try:
+        return record, CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
+    except (KeyError, TypeError, ValueError, InputError) as e:
+        raise InputError(f"{run_dir}/{RUN_FILE} cannot be read as a certify run ({type(e).__name__}: {e}); rerun "
+                         "`cpcluster certify` with --overwrite") from None
+
+
 class ShardMismatch(InputError):
     """A readable, undamaged shard file that belongs to another run configuration (never replaced silently)."""
 

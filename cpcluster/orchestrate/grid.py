@@ -128,3 +128,19 @@ def write_grid(arrays: dict, png: str, scale: int = 4) -> tuple[str, str]:
     write_bytes_atomic(npz, raw.getvalue())
     write_bytes_atomic(png, image)
     return png, npz
+
+
+def draw_grid(purifiers, sigma: float, image_ids, out: str, dataset: str = "demo", classifier: str = "demo",
+              seed: int = 0, time_rule: str = "nearest", purifier_label: str = "random", steps: int | None = None,
+              device: str = "cpu", scale: int = 4, echo=print) -> tuple[str, str]:
+    """``cpcluster grid``: the grid of ``purifiers`` (``[NAME=]KIND[:DENOISER]`` texts, one row each) written to
+    ``out`` (PNG) and beside it (``.npz``); says per row how often the classifier is right. Returns both paths."""
+    from cpcluster.orchestrate.quality import parse_purifier
+
+    rows = [parse_purifier(p) for p in purifiers]
+    arrays = make_grid(dataset, classifier, rows, sigma, image_ids, seed, time_rule, purifier_label, steps, device)
+    png, npz = write_grid(arrays, out, scale)
+    for name, k in zip(arrays["rows"], arrays["correct"].sum(axis=1)):
+        echo(f"{name}: classifier right on {k} of {arrays['correct'].shape[1]}")
+    echo(f"wrote {png} and {npz}")
+    return png, npz

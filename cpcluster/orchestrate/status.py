@@ -109,16 +109,11 @@ def load_run(run_dir: str):
     The plan is recomputed from the record (image selection from the dataset size it names) and checked against
     the record's unit and draw totals.
     """
-    from cpcluster.core.config import CertifyConfig
-    from cpcluster.core.runs import RUN_FILE, read_run
+    from cpcluster.core.runs import RUN_FILE, recorded_run
     from cpcluster.sharding.plan import plan_from_config
 
-    record = read_run(run_dir)
-    if record is None:
-        raise InputError(f"{run_dir}: no {RUN_FILE}; not a certify run folder (give the <out>/<name> folder that "
-                         "`cpcluster certify` printed)")
+    record, config = recorded_run(run_dir)
     try:
-        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
         if not isinstance(record.get("config_hash"), str):
             raise TypeError("config_hash is not a string")
         plan = plan_from_config(record["shard_config"], config.num_shards)
