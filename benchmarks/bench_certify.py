@@ -43,7 +43,8 @@ def build(name: str, device: str):
     from cpcluster.demo.models import DENOISER_META, _random
     from cpcluster.demo.nets import DemoUNet
     from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-    from cpcluster.models.purifiers import SmoothedBase, build_purifier
+    from cpcluster.models.purifier_base import SmoothedBase
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     if name in ("demo", "tiny"):  # tiny: the demo classifier alone (purifier none), where overheads show most

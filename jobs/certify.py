@@ -92,7 +92,7 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible to this process")
+        raise InputError("--device cuda: no CUDA device is visible to this process; use --device auto or cpu")
     return torch.device(name)
 
 
@@ -250,7 +250,7 @@ class _Counter:
         import torch
 
         from cpcluster.core.engine import CountingEngine
-        from cpcluster.models.purifiers import SmoothedBase
+        from cpcluster.models.purifier_base import SmoothedBase
 
         x, _ = self.models.dataset.get(self.images)
         model = SmoothedBase(self.purifier, self.models.classifier).to(self.device).eval()

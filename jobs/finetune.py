@@ -130,7 +130,7 @@ def run(config: FinetuneConfig) -> dict:
     from cpcluster.core.losses import PerceptualLoss, PixelLoss, RANDOM_BACKBONE_WARNING, build_lpips
     from cpcluster.models.consistency import ConsistencyFunction, pixel_to_model, time_for_sigma
     from cpcluster.models.finetuned import export_finetuned
-    from cpcluster.models.purifiers import LabelPolicy
+    from cpcluster.models.purifier_base import LabelPolicy
     from cpcluster.models.specs import load_classifier, load_denoiser
     from cpcluster.util import dist
 

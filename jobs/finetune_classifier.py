@@ -96,7 +96,7 @@ def run(config: ClassifierFinetuneConfig) -> dict:
 
     from cpcluster.jobs.finetune_eval import HeldOut
     from cpcluster.models.finetuned_classifier import export_finetuned_classifier
-    from cpcluster.models.purifiers import LabelPolicy
+    from cpcluster.models.purifier_base import LabelPolicy
     from cpcluster.models.specs import load_classifier
     from cpcluster.util import dist
 

@@ -124,7 +124,7 @@ class Measurer:
     def __init__(self, config: QualityConfig, models: Models, device):
         from cpcluster.core import fid
         from cpcluster.core.losses import PerceptualLoss, build_lpips
-        from cpcluster.models.purifiers import LabelPolicy
+        from cpcluster.models.purifier_base import LabelPolicy
 
         self.config, self.device, self.models = config, device, models
         self.dataset, self.denoiser = models.dataset, models.denoiser

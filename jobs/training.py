@@ -116,7 +116,7 @@ def step_draws(seed: int, step: int, shape: tuple, num_sigmas: int, rows: slice,
 
     ``shape`` is the global batch's (B, C, H, W). ``z``: standard normal (rows, C, H, W) on the CPU; ``choice``:
     (rows,) index into the run's sigmas; ``labels``: (rows,) labels for a class-conditional purifier (``policy``, a
-    :class:`~cpcluster.models.purifiers.LabelPolicy`) or None. Drawn in this order for all B rows from one
+    :class:`~cpcluster.models.purifier_base.LabelPolicy`) or None. Drawn in this order for all B rows from one
     generator seeded by ``(seed, NOISE_STREAM, step)``, then sliced.
     """
     import torch
@@ -207,8 +207,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Rank 0: checkpoint ``step``, rewrite ``metrics.jsonl``, redraw the curves when there are new evaluations."""
-        from cpcluster.jobs.finetune_eval import plot_curves
-        from cpcluster.jobs.finetune_io import save_checkpoint, write_metrics
+        from cpcluster.jobs.finetune_io import plot_curves, save_checkpoint, write_metrics
         from cpcluster.util import dist
         from cpcluster.util.fileio import config_hash, join_url
 

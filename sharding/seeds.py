@@ -96,6 +96,13 @@ def check_batching(block_size: int, draw_batch: int) -> None:
                          f"{max(draw_batch, block_size - block_size % draw_batch)})")
 
 
+def check_forward_batch(batch: int, draw_batch: int) -> None:
+    """Raise :class:`InputError` unless a forward of ``batch`` draws holds at least one whole noise batch."""
+    if batch < draw_batch:
+        raise InputError(f"--batch {batch} is smaller than --draw-batch {draw_batch}; a forward must hold at least "
+                         "one whole noise batch")
+
+
 def unit_batches(stream: int, block: int, n_draws: int, block_size: int,
                  draw_batch: int) -> Iterator[tuple[int, int]]:
     """The noise batches ``(j, size)`` that make up one unit, in draw order.

@@ -185,7 +185,8 @@ def test_a_purifier_that_uses_the_generator_is_detected_and_stays_shard_invarian
 
 
 def test_real_models_are_shard_invariant_and_bf16_runs():
-    from cpcluster.models.purifiers import SmoothedBase, build_purifier
+    from cpcluster.models.purifier_base import SmoothedBase
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     ds = load_dataset("demo")

@@ -21,7 +21,8 @@ from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, learning_rate, preflight, purify
 from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
-from cpcluster.models.purifiers import LabelPolicy, build_purifier
+from cpcluster.models.purifier_base import LabelPolicy
+from cpcluster.models.purifiers import build_purifier
 from cpcluster.models.specs import load_classifier, load_denoiser
 from cpcluster.util.errors import InputError
 

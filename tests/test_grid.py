@@ -20,7 +20,8 @@ def grid():
 
 def test_noise_is_identical_down_each_column(grid):
     from cpcluster.jobs.quality import image_noise
-    from cpcluster.models.purifiers import LabelPolicy, build_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_denoiser
 
     assert grid["purified"].shape == (2, len(IDS), 1, 16, 16) and list(grid["rows"][2:]) == ["cd", "none"]

@@ -19,7 +19,7 @@ from cpcluster.models.archs import build_architecture
 from cpcluster.models.consistency import C_NOISE, ConsistencyFunction
 from cpcluster.models.ddpm import OneStepDDPMPurifier
 from cpcluster.models.pfode import DDPMDenoiser, EDMDenoiser, PFODEPurifier, edm_scalings
-from cpcluster.models.purifiers import ConsistencyPurifier, LabelPolicy
+from cpcluster.models.purifier_base import ConsistencyPurifier, LabelPolicy
 from cpcluster.models.weights import load_state_dict
 from openai_unet_files import STANDINS, convert_standin, preset_layouts, reference, write_pt
 

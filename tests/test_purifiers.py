@@ -11,7 +11,8 @@ from torch import nn
 from cpcluster.models.consistency import ConsistencyFunction
 from cpcluster.models.ddpm import alphas_cumprod, ddpm_betas, onestep_timestep
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, SmoothedBase, build_purifier
+from cpcluster.models.purifier_base import LabelPolicy, SmoothedBase
+from cpcluster.models.purifiers import PURIFIERS, build_purifier
 from cpcluster.models.specs import load_denoiser
 from cpcluster.util.errors import InputError
 from unet_files import CM_SCHEDULER, DDPM_SCHEDULER, save_unet, unet_module

@@ -9,7 +9,8 @@ import math
 
 import click
 
-from cpcluster.core.config import AGGREGATE_FORMATS, AggregateOptions, DEFAULT_RADII
+from cpcluster.core.choices import AGGREGATE_FORMATS
+from cpcluster.core.config import DEFAULT_RADII, AggregateOptions
 from cpcluster.util.errors import InputError
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.inspect_cmd import PURIFIER_NAMES
 from cpcluster.cli.options import CONTEXT, shard_submit_options
-from cpcluster.core.config import CERTIFY_DEVICES, CERTIFY_DTYPES, CERTIFY_MODES, parse_indices
+from cpcluster.core.choices import DEVICES, DTYPES, MODES, TIME_RULES
+from cpcluster.core.config import parse_indices
+from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.orchestrate.certify import DEFAULT_NAME
 
 
@@ -32,21 +33,21 @@ from cpcluster.orchestrate.certify import DEFAULT_NAME
 @click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", show_default=True,
               help="How each noisy copy is purified before the classifier sees it.")
 @click.option("--steps", type=int, default=None, help="Solver steps (pf-ode).")
-@click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True,
+@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True,
               help="Purifier time: nearest training-grid point to 2 sigma, or exactly 2 sigma.")
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random (uniform, from the noise seed) or fixed:K; "
                    "never the true label. Ignored for unconditional purifiers.")
-@click.option("--mode", type=click.Choice(CERTIFY_MODES), default="certify", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default="certify", show_default=True,
               help="certify (selection + estimation) or predict (estimation only).")
 @click.option("--early-stop", "early_stop", type=float, default=None, metavar="MAX_ALPHA",
               help="Skip estimation draws that cannot change certified accuracy or ACR at any alpha <= MAX_ALPHA: "
                    "images whose selection picks a wrong class, and the rest of an image once it must abstain. "
                    "Recorded in the run; aggregate refuses a larger --alpha. Use --block-size <= n/10 so images "
                    "can stop early.")
-@click.option("--dtype", type=click.Choice(CERTIFY_DTYPES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Forward precision (autocast).")
-@click.option("--device", type=click.Choice(CERTIFY_DEVICES), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where shards run: auto = CUDA when the job sees a GPU, else CPU.")
 @click.option("--out", default="results", show_default=True, metavar="DIR", help="Results folder or fsspec URL.")
 @click.option("--name", default=DEFAULT_NAME, show_default=True,

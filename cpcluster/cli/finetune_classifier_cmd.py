@@ -11,15 +11,16 @@ import click
 
 from cpcluster.cli.finetune_cmd import _warn, parse_sigmas
 from cpcluster.cli.options import job_options
-from cpcluster.core.config_evidence import (BATCHNORM_MODES, ClassifierFinetuneConfig, OPTIMIZERS, PURIFIER_KINDS,
-                                            SCHEDULES)
+from cpcluster.core.choices import BATCHNORM_MODES, OPTIMIZERS, SCHEDULES, TIME_RULES
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
+from cpcluster.models.purifiers import PURIFIER_NAMES
 
 
 @click.command("finetune-classifier", context_settings={"show_default": True, "max_content_width": 110})
 @click.option("--classifier", required=True, help="Classifier spec to start from, e.g. demo or timm:...")
 @click.option("--denoiser", default=None, help="Denoiser of the frozen purifier [default: demo]; finetuned:DIR for "
                                                "'both' (DM-FT, then CLS-FT behind it).")
-@click.option("--purifier", type=click.Choice(PURIFIER_KINDS), default="consistency", help="The frozen purifier.")
+@click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", help="The frozen purifier.")
 @click.option("--purifier-steps", default=None, type=int, help="Solver steps (pf-ode).")
 @click.option("--data", required=True, help="Training images, a dataset spec, e.g. demo:train.")
 @click.option("--eval-data", default=None, help="Held-out images (default: the last --eval-images of --data).")
@@ -40,7 +41,7 @@ from cpcluster.core.config_evidence import (BATCHNORM_MODES, ClassifierFinetuneC
 @click.option("--grad-clip", default=0.0, type=float, help="Max gradient norm (0: off).")
 @click.option("--batchnorm", type=click.Choice(BATCHNORM_MODES), default="train",
               help="BatchNorm layers: per-rank statistics, frozen running statistics, or SyncBatchNorm (CUDA).")
-@click.option("--time-rule", type=click.Choice(["nearest", "exact"]), default="nearest", help="t_sigma rule.")
+@click.option("--time-rule", type=click.Choice(TIME_RULES), default="nearest", help="t_sigma rule.")
 @click.option("--purifier-label", default="random", help="Labels a class-conditional purifier sees: random or fixed:K.")
 @click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
 @click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import click
 
 from cpcluster.cli.options import job_options
-from cpcluster.core.config import FINETUNE_LOSSES, LPIPS_NETS, FinetuneConfig
+from cpcluster.core.choices import FINETUNE_LOSSES, LPIPS_NETS, TIME_RULES
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.util.errors import InputError
 
 
@@ -37,7 +38,7 @@ def parse_sigmas(text: str) -> tuple:
 @click.option("--lpips-random-backbone", is_flag=True, help="Random LPIPS trunk: tests and demos ONLY.")
 @click.option("--ema-decay", default=0.999, type=float, help="EMA of the weights, exported (0: off, export raw).")
 @click.option("--grad-clip", default=1.0, type=float, help="Max gradient norm (0: off).")
-@click.option("--time-rule", type=click.Choice(["nearest", "exact"]), default="nearest", help="t_sigma rule.")
+@click.option("--time-rule", type=click.Choice(TIME_RULES), default="nearest", help="t_sigma rule.")
 @click.option("--purifier-label", default="random",
               help="Labels a class-conditional network sees: random or fixed:K (never the true label).")
 @click.option("--classifier", default=None, help="Classifier spec: also report accuracy of clf(purify(x+noise)).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from cpcluster.cli.options import CONTEXT
+from cpcluster.core.choices import DEVICES, TIME_RULES
 from cpcluster.core.config import parse_indices
 
 
@@ -15,12 +16,12 @@ from cpcluster.core.config import parse_indices
 @click.option("--dataset", default="demo", show_default=True, metavar="SPEC")
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="Decides the frame colours.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (as in `cpcluster quality`).")
-@click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True)
+@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True)
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
 @click.option("--purifier-steps", type=int, default=None, help="Solver steps (pf-ode).")
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True, help="Pixels per image pixel.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice([d for d in DEVICES if d != "auto"]), default="cpu", show_default=True)
 @click.option("--out", default="grid.png", show_default=True, metavar="FILE.png", help="The arrays go beside it.")
 def grid(purifiers, sigma, indices, dataset, classifier, seed, time_rule, purifier_label, purifier_steps, scale,
          device, out):

@@ -10,9 +10,9 @@ import json
 import click
 
 from cpcluster.cli.options import parse_sigma_list
+from cpcluster.core.choices import DEVICES, TIME_RULES
+from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.util.errors import InputError
-
-PURIFIER_NAMES = ("consistency", "onestep-ddpm", "onestep-edm", "pf-ode", "none")
 
 
 @click.command("inspect")
@@ -23,12 +23,12 @@ PURIFIER_NAMES = ("consistency", "onestep-ddpm", "onestep-edm", "pf-ode", "none"
 @click.option("--sigma", "sigmas", multiple=True, default=("0.25", "0.5", "1.0"), show_default=True,
               callback=parse_sigma_list, help="Pixel-space noise level; repeat or comma-separate.")
 @click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", show_default=True)
-@click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True,
+@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True,
               help="t_sigma: training-grid point nearest 2*sigma, or 2*sigma exactly.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="pf-ode steps (default 10).")
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--load-torchscript", is_flag=True,
               help="Load torchscript: specs (deserialising an archive runs the TorchScript code it holds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -10,7 +10,7 @@ import functools
 
 import click
 
-from cpcluster.orchestrate.submit import EXECUTORS
+from cpcluster.core.choices import EXECUTORS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 SLURM_KEYS = ("partition", "account", "time_min", "array_parallelism", "sbatch_extra")

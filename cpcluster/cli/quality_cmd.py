@@ -8,6 +8,7 @@ import os
 import click
 
 from cpcluster.cli.options import CONTEXT, shard_submit_options
+from cpcluster.core.choices import DEVICES, LPIPS_NETS, TIME_RULES
 from cpcluster.core.config import parse_indices
 
 
@@ -24,17 +25,17 @@ from cpcluster.core.config import parse_indices
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (the same noise for every purifier).")
 @click.option("--shards", "num_shards", type=int, default=1, show_default=True, help="Shard jobs per run.")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per forward.")
-@click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True)
+@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True)
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
 @click.option("--purifier-steps", type=int, default=None, help="Solver steps (pf-ode).")
-@click.option("--lpips-net", type=click.Choice(["vgg", "alex"]), default="vgg", show_default=True)
+@click.option("--lpips-net", type=click.Choice(LPIPS_NETS), default="vgg", show_default=True)
 @click.option("--lpips-resize", type=int, default=224, show_default=True, help="Upsampling before LPIPS (0: none).")
 @click.option("--lpips-random-backbone", is_flag=True, help="Random LPIPS trunk: tests and demos ONLY.")
 @click.option("--inception-weights", default=None, metavar="FILE",
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth [default: in $TORCH_HOME/hub/checkpoints].")
 @click.option("--inception-random-weights", is_flag=True, help="Random-weight Inception: tests and demos ONLY.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--out", default="results/quality", show_default=True, metavar="DIR")
 @shard_submit_options
 @click.option("--overwrite", is_flag=True, help="Replace run folders holding another configuration.")

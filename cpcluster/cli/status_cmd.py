@@ -11,7 +11,7 @@ import json
 import click
 
 from cpcluster.cli.options import CONTEXT
-from cpcluster.orchestrate.submit import EXECUTORS
+from cpcluster.core.choices import EXECUTORS
 
 
 @click.command(context_settings=CONTEXT)

@@ -5,22 +5,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from cpcluster.core.choices import (AGGREGATE_FORMATS, DEVICES, DTYPES, FINETUNE_LOSSES, LPIPS_NETS, MODES, TIME_RULES,
+                                    check_choices, check_label_policy)
 from cpcluster.core.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
 from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
+from cpcluster.sharding.seeds import check_batching, check_forward_batch
 from cpcluster.util.errors import InputError
 
 
-def check_label_policy(text) -> str:
-    """``--purifier-label``: ``random`` or ``fixed:K`` with K a non-negative integer; InputError otherwise."""
-    kind, _, value = str(text).partition(":")
-    if not isinstance(text, str) or (text != "random" and not (kind == "fixed" and value.isascii()
-                                                                and value.isdigit() and len(value) <= 9)):
-        raise InputError(f"--purifier-label {text!r}: use 'random' or 'fixed:K' with K a class index, e.g. fixed:0")
-    return text
-
-
 # ------------------------------------------------------------------------------------------------------ aggregate
-AGGREGATE_FORMATS = ("md", "latex", "csv")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -57,8 +50,7 @@ class AggregateOptions:
                              "in increasing order")
         if self.cost_radius is not None and not 0.0 <= float(self.cost_radius) < float("inf"):
             raise InputError(f"--cost-radius {self.cost_radius}: give a finite radius >= 0, e.g. --cost-radius 0.5")
-        if self.format not in AGGREGATE_FORMATS:
-            raise InputError(f"--format {self.format!r}: use one of {', '.join(AGGREGATE_FORMATS)}")
+        check_choices(self, {"format": AGGREGATE_FORMATS})
 
     @property
     def radius_for_cost(self) -> float:
@@ -72,9 +64,6 @@ class AggregateOptions:
 
 
 # -------------------------------------------------------------------------------------------------------- certify
-CERTIFY_MODES = ("certify", "predict")
-CERTIFY_DTYPES = ("float32", "bfloat16", "float16")
-CERTIFY_DEVICES = ("auto", "cpu", "cuda")
 MAX_BATCH = 2**20  # draws in one forward pass
 # Fields that do not change the counts' meaning: they stay out of the shard config and its hash, so a run can be
 # resumed with other values (where it runs, how it is split, how many draws go through one forward).
@@ -153,17 +142,12 @@ class CertifyConfig:
             raise InputError(f"--steps {self.steps}: must be at least 1")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads {self.threads}: must be at least 1")
-        if self.block_size % self.draw_batch:
-            raise InputError(f"--block-size {self.block_size} is not a multiple of --draw-batch {self.draw_batch}; "
-                             "a block must be a whole number of noise batches")
-        if self.batch < self.draw_batch:
-            raise InputError(f"--batch {self.batch} is smaller than --draw-batch {self.draw_batch}; a forward must "
-                             "hold at least one whole noise batch")
+        check_batching(self.block_size, self.draw_batch)
+        check_forward_batch(self.batch, self.draw_batch)
         if self.indices is not None:
             if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
                 raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
-        check_choices(self, {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
-                             "time_rule": ("nearest", "exact")}, {"time_rule": "--time"})
+        check_choices(self, {"mode": MODES, "dtype": DTYPES, "device": DEVICES, "time_rule": TIME_RULES})
         if self.early_stop is not None:
             if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, (int, float)) or \
                     not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
@@ -215,8 +199,6 @@ def parse_indices(text: str | None) -> tuple | None:
 
 
 # ------------------------------------------------------------------------------------------------------- finetune
-FINETUNE_LOSSES = ("lpips", "l2", "l1")
-LPIPS_NETS = ("vgg", "alex")
 # Fields that may change between a run and its resumption without changing what is trained: where it runs, how
 # often it logs/evaluates/checkpoints (and with which classifier), and how many steps it goes to (no learning-rate
 # schedule depends on it).
@@ -279,8 +261,7 @@ class FinetuneConfig(TrainingConfig):
     def __post_init__(self):
         check_training(self, ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
                               "keep_checkpoints", "log_every"), ("eval_images", "eval_every", "lpips_resize"),
-                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
-                        "device": ("auto", "cpu", "cuda")})
+                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": TIME_RULES, "device": DEVICES})
 
     def run_dict(self) -> dict:
         """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
@@ -316,12 +297,3 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
     check_label_policy(cfg.purifier_label)
     if not 0 <= int(cfg.seed) < 2**63:
         raise InputError(f"--seed {cfg.seed}: must be in [0, 2**63)")
-
-
-def check_choices(cfg, choices: dict, flags: dict | None = None) -> None:
-    """:class:`InputError` naming the option when a field of ``cfg`` is not one of its ``choices[field]``; the option
-    is ``--field-name`` unless ``flags`` names it."""
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
-            raise InputError(f"{flag} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")

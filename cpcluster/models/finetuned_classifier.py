@@ -25,7 +25,7 @@ import datetime
 import json
 
 from cpcluster.models.loaded import LoadedClassifier
-from cpcluster.models.specs import load_classifier, register
+from cpcluster.models.specs import load_classifier
 from cpcluster.models.weights import apply_state_dict, load_state_dict, read_json_object, sha256_bytes
 from cpcluster.util.errors import InputError
 
@@ -145,7 +145,6 @@ def architecture_spec(folder: str, base_spec: str, repeated: str) -> str:
     return ARCHITECTURES[kind](base_spec)
 
 
-@register("classifier", "finetuned")
 def load_finetuned_classifier(argument: str) -> LoadedClassifier:
     """``finetuned:<folder>[|BASE]``: the base architecture (see the module docstring), the export's weights strictly."""
     folder, _, repeated = argument.partition("|")

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from cpcluster.models.loaded import LoadedClassifier
-from cpcluster.models.specs import register
 from cpcluster.models.transforms import (TRANSFORM_KEYS, InputTransform, TransformedClassifier, split_options,
                                          transform_from_options)
 from cpcluster.util.errors import InputError
@@ -161,8 +160,7 @@ def load_hf_vit(folder: str, options: dict, what: str) -> LoadedClassifier:
                             architecture=architecture)
 
 
-@register("classifier", "hf-vit")
-def _hf_vit_classifier(argument: str) -> LoadedClassifier:
+def load_hf_vit_classifier(argument: str) -> LoadedClassifier:
     what = f"--classifier hf-vit:{argument}"
     folder, options = split_options(argument, what, TRANSFORM_KEYS)
     if not folder:

@@ -22,7 +22,6 @@ import json
 
 from cpcluster.models.archs import ARCHITECTURES, assign_state, build_architecture, first_mismatch
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.specs import register
 from cpcluster.models.weights import load_state_dict, read_json_object, sha256_bytes
 from cpcluster.util.errors import InputError
 
@@ -122,8 +121,7 @@ def load_network_folder(folder: str, options: dict, what: str) -> LoadedDenoiser
                           architecture={"name": record["architecture"], "config": record["arch_config"]})
 
 
-@register("denoiser", "net")
-def _net_denoiser(argument: str) -> LoadedDenoiser:
+def load_net(argument: str) -> LoadedDenoiser:
     from cpcluster.models.transforms import split_options
     from cpcluster.models.unet_folder import META_KEYS
 

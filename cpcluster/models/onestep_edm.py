@@ -19,7 +19,8 @@ import torch
 
 from cpcluster.models.consistency import model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.models.pfode import EDMDenoiser
+from cpcluster.models.purifier_base import DenoiserPurifier, LabelPolicy
 from cpcluster.util.errors import InputError
 
 
@@ -35,8 +36,6 @@ class OneStepEDMPurifier(DenoiserPurifier):
     def __init__(self, denoiser: LoadedDenoiser, sigma: float, time_rule: str = "nearest",
                  label_policy: LabelPolicy = LabelPolicy(), steps: int | None = None, **_):
         super().__init__()
-        from cpcluster.models.pfode import EDMDenoiser  # here: pfode and this module both load via purifiers
-
         if denoiser.kind != "edm":
             fix = "consistency" if denoiser.kind == "consistency" else "onestep-ddpm"
             raise InputError(f"--denoiser {denoiser.spec}: a {denoiser.kind} network is not an EDM denoiser; use "
@@ -61,6 +60,3 @@ class OneStepEDMPurifier(DenoiserPurifier):
         return {"kind": self.kind, "t_sigma": self.t, "time_rule": self.time_rule,
                 "preconditioned": self.D.preconditioned,
                 "label_policy": self.label_policy.text if self.denoiser.meta.get("num_classes") else None}
-
-
-PURIFIERS["onestep-edm"] = OneStepEDMPurifier

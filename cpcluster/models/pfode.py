@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpcluster.models import ddpm as _ddpm  # module import: safe whichever of ddpm / pfode / purifiers loads first
+from cpcluster.models import ddpm as _ddpm
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.models.purifier_base import DenoiserPurifier, LabelPolicy
 from cpcluster.util.errors import InputError
 
 EDM_SIGMA_DATA = 0.5
@@ -167,6 +167,3 @@ class PFODEPurifier(DenoiserPurifier):
         return {"kind": self.kind, "t_sigma": self.times[0], "time_rule": self.time_rule,
                 "steps": len(self.times) - 1, "solver": self.solver, "times": self.times,
                 "label_policy": self.label_policy.text if self.denoiser.meta.get("num_classes") else None}
-
-
-PURIFIERS["pf-ode"] = PFODEPurifier

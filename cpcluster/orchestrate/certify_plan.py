@@ -57,7 +57,7 @@ def estimate_rate(run, models) -> tuple[float, str]:
     from cpcluster.core.engine import measure_rate
     from cpcluster.core.runs import build_purifier
     from cpcluster.jobs.certify import resolve_device
-    from cpcluster.models.purifiers import SmoothedBase
+    from cpcluster.models.purifier_base import SmoothedBase
 
     device = resolve_device("cpu" if run.config.device == "cpu" else "auto")
     model = SmoothedBase(build_purifier(run.config, models), models.classifier).to(device).eval()

@@ -34,7 +34,8 @@ def make_grid(dataset: str, classifier: str, purifiers: list, sigma: float, imag
     import torch
 
     from cpcluster.jobs.quality import image_noise
-    from cpcluster.models.purifiers import LabelPolicy, configured_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import configured_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     if not purifiers:

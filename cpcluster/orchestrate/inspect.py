@@ -15,12 +15,13 @@ def _parameters(module) -> int:
 
 
 def _device(choice: str) -> dict:
+    """The device ``--device choice`` resolves to here (:func:`cpcluster.jobs.certify.resolve_device`), described."""
     import torch
 
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+    from cpcluster.jobs.certify import resolve_device
+
+    if resolve_device(choice).type == "cpu":
         return {"type": "cpu", "threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
-    if not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible here (use --device auto or cpu)")
     return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
 
 
@@ -40,7 +41,8 @@ def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, si
     Returns ``{"device", "denoiser", "purifier": {"name", "per_sigma": [{"sigma", ...describe()}]}, "classifier",
     "dataset", "problems"}``; ``problems`` lists mismatches (classes, channels, label policy) a run would hit.
     """
-    from cpcluster.models.purifiers import LabelPolicy, build_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     sigmas = [float(s) for s in sigmas]

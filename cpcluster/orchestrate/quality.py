@@ -11,7 +11,8 @@ import os
 import re
 from typing import Callable
 
-from cpcluster.core.config_evidence import PURIFIER_KINDS, QualityConfig
+from cpcluster.core.config_evidence import QualityConfig
+from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.util.errors import InputError
 
 
@@ -19,8 +20,8 @@ def parse_purifier(text: str) -> tuple[str, str, str | None]:
     """``[NAME=]KIND[:DENOISER SPEC]`` -> ``(run name prefix, kind, denoiser spec or None)``."""
     name, eq, body = text.partition("=") if re.match(r"^[A-Za-z0-9._-]+=", text) else ("", "", text)
     kind, _, denoiser = body.partition(":")
-    if kind not in PURIFIER_KINDS:
-        raise InputError(f"--purifier {text!r}: start with one of {', '.join(PURIFIER_KINDS)}, e.g. consistency:demo "
+    if kind not in PURIFIER_NAMES:
+        raise InputError(f"--purifier {text!r}: start with one of {', '.join(PURIFIER_NAMES)}, e.g. consistency:demo "
                          "or none (an optional NAME= prefix names its runs)")
     if kind != "none" and not denoiser:
         raise InputError(f"--purifier {text!r}: name the denoiser, e.g. {kind}:demo")

@@ -30,9 +30,10 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from cpcluster.core.choices import EXECUTORS
 from cpcluster.util.errors import InputError
 
-CLUSTERS = ("slurm", "local", "debug")
+CLUSTERS = tuple(e for e in EXECUTORS if e != "auto")  # what make_executor builds
 
 # sbatch options that SlurmOptions sets through a field (use the field), or that submitit manages itself
 # (changing them would break its bookkeeping of arrays, logs and the preemption signal).

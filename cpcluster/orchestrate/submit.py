@@ -20,17 +20,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from cpcluster.core.choices import EXECUTORS, check_choice
 from cpcluster.util.errors import InputError
 
-EXECUTORS = ("auto", "local", "slurm", "debug")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # local jobs are not time-limited in practice
 POLL_S = 0.5
 
 
 def choose_executor(requested: str) -> tuple[str, str]:
     """``(executor, reason)`` for ``--executor requested`` (``auto`` looks for a reachable SLURM)."""
-    if requested not in EXECUTORS:
-        raise InputError(f"--executor {requested!r}: use one of {', '.join(EXECUTORS)}")
+    check_choice("--executor", requested, EXECUTORS)
     if requested != "auto":
         return requested, "as requested"
     if shutil.which("sbatch") is None:
