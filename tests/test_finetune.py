@@ -30,7 +30,7 @@ def tiny(folder, **kw):
 
 # ------------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("kw, match", [
-    ({"sigmas": ()}, "--sigmas"), ({"sigmas": (0.5, 0.0)}, "0 is not positive"),
+    ({"sigmas": ()}, "--sigma"), ({"sigmas": (0.5, 0.0)}, "0 is not positive"),
     ({"sigmas": (-0.25,)}, "not positive"), ({"sigmas": (float("nan"),)}, "not positive"),
     ({"batch_size": 10, "ranks_per_node": 4}, "not divisible by the 4 ranks"),
     ({"batch_size": 64, "nodes": 3}, "not divisible by the 3 ranks"),

@@ -50,7 +50,7 @@ def reference(tmp_path_factory):
     ({"optimizer": "adam"}, "--optimizer"), ({"schedule": "linear"}, "--schedule"), ({"momentum": 1.0}, "--momentum"),
     ({"lr_gamma": 0.0}, "--lr-gamma"), ({"batchnorm": "off"}, "--batchnorm"), ({"purifier": "magic"}, "--purifier"),
     ({"denoiser": None}, "needs a --denoiser"), ({"batch_size": 10, "ranks_per_node": 4}, "not divisible"),
-    ({"sigmas": ()}, "--sigmas"), ({"warmup_steps": -1}, "--warmup-steps"), ({"weight_decay": -1}, "--weight-decay"),
+    ({"sigmas": ()}, "--sigma"), ({"warmup_steps": -1}, "--warmup-steps"), ({"weight_decay": -1}, "--weight-decay"),
 ])
 def test_config_rejects_bad_values(tmp_path, kw, match):
     with pytest.raises(InputError, match=match):

@@ -55,10 +55,10 @@ def test_missing_lpips_backbone_is_caught_before_submitting(no_submit):
 
 
 @pytest.mark.parametrize("sigmas, needle", [("", "(empty)"), (",", "(empty)"), ("0.25,0", "0 is not positive"),
-                                            ("-0.5", "-0.5 is not positive"), ("0.5,abc", "comma-separated")])
+                                            ("-0.5", "-0.5 is not positive"), ("0.5,abc", "is not a number")])
 def test_bad_sigma_sets(no_submit, sigmas, needle):
-    code, output = run(*TINY, "--lpips-random-backbone", "--sigmas", sigmas, "--out", str(no_submit / "o"))
-    assert_one_line_error(code, output, "--sigmas", needle)
+    code, output = run(*TINY, "--lpips-random-backbone", "--sigma", sigmas, "--out", str(no_submit / "o"))
+    assert_one_line_error(code, output, "--sigma", needle)
 
 
 @pytest.mark.parametrize("layout, ranks", [(["--ranks-per-node", "3"], 3),

@@ -366,7 +366,7 @@ CASES = {
     "finetune --lr inf": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out", "{tmp}/ft",
                                  "--lr", "inf", "--dry-run"], "--lr inf"),
     "finetune --sigmas inf": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out",
-                                     "{tmp}/ft", "--sigmas", "0.5,inf", "--dry-run"], "--sigmas"),
+                                     "{tmp}/ft", "--sigma", "0.5,inf", "--dry-run"], "--sigma"),
     "finetune --grad-clip nan": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out",
                                         "{tmp}/ft", "--grad-clip", "nan", "--dry-run"], "--grad-clip"),
 }

@@ -76,7 +76,7 @@ def test_gaussian_data_gives_the_posterior_mean(preconditioned):
 
 def test_time_rules_and_refusals(edm_net):
     den = load_denoiser(edm_net)
-    with pytest.raises(InputError, match="--time exact"):
+    with pytest.raises(InputError, match="--time-rule exact"):
         build_purifier("onestep-edm", den, 0.25)  # continuous-time network: no grid for "nearest"
     gridded = load_denoiser(edm_net + "?grid_steps=18")
     assert build_purifier("onestep-edm", gridded, 0.25).describe()["t_sigma"] == pytest.approx(0.5853, abs=1e-4)

@@ -218,7 +218,7 @@ def test_network_evaluations_per_image_are_what_the_purifiers_report():
 
 def test_pf_ode_refuses_bad_inputs(folders):
     edm = LoadedDenoiser(GaussianDenoiser(0, 1, True), "edm", {"c_noise": "edm", "num_classes": None}, spec="x")
-    with pytest.raises(InputError, match="--time exact"):
+    with pytest.raises(InputError, match="--time-rule exact"):
         build_purifier("pf-ode", edm, 0.5)  # continuous-time network, no grid for "nearest"
     with pytest.raises(InputError, match="steps"):
         build_purifier("pf-ode", edm, 0.5, steps=0, time_rule="exact")

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.options import CONTEXT, shard_submit_options
-from cpcluster.core.choices import DEVICES, DTYPES, MODES, TIME_RULES
+from cpcluster.cli.options import CONTEXT, shard_submit_options, sigma_option, solver_steps_option, time_rule_option
+from cpcluster.core.choices import DEVICES, DTYPES, MODES
 from cpcluster.core.config import parse_indices
 from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.orchestrate.certify import DEFAULT_NAME
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--sigma", "sigmas", type=float, multiple=True, metavar="SIGMA",
-              help="Pixel-space noise level (images in [0,1]); repeat for one run per sigma. Required.")
+@sigma_option(help="Pixel-space noise level (images in [0,1]), one run per sigma. Required.")
 @click.option("--shards", type=int, default=1, show_default=True, help="Number of shard jobs per run.")
 @click.option("--n0", type=int, default=100, show_default=True, help="Selection draws per image (CERTIFY).")
 @click.option("--n", "n", type=int, default=100_000, show_default=True, help="Estimation draws per image.")
@@ -32,9 +31,8 @@ from cpcluster.orchestrate.certify import DEFAULT_NAME
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="Classifier spec.")
 @click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", show_default=True,
               help="How each noisy copy is purified before the classifier sees it.")
-@click.option("--steps", type=int, default=None, help="Solver steps (pf-ode).")
-@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True,
-              help="Purifier time: nearest training-grid point to 2 sigma, or exactly 2 sigma.")
+@solver_steps_option("--steps")
+@time_rule_option
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random (uniform, from the noise seed) or fixed:K; "
                    "never the true label. Ignored for unconditional purifiers.")

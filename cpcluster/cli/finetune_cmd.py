@@ -8,19 +8,9 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.options import job_options
-from cpcluster.core.choices import FINETUNE_LOSSES, LPIPS_NETS, TIME_RULES
+from cpcluster.cli.options import job_options, sigma_option, time_rule_option
+from cpcluster.core.choices import FINETUNE_LOSSES, LPIPS_NETS
 from cpcluster.core.config import FinetuneConfig
-from cpcluster.util.errors import InputError
-
-
-def parse_sigmas(text: str) -> tuple:
-    """``"0.25,0.5,1.0"`` -> ``(0.25, 0.5, 1.0)``; positivity is checked by :class:`FinetuneConfig`."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        return tuple(float(t) for t in items)
-    except ValueError:
-        raise InputError(f"--sigmas {text!r}: give comma-separated numbers, e.g. --sigmas 0.25,0.5,1.0") from None
 
 
 @click.command("finetune", context_settings={"show_default": True, "max_content_width": 110})
@@ -28,7 +18,7 @@ def parse_sigmas(text: str) -> tuple:
 @click.option("--data", required=True, help="Training images, a dataset spec, e.g. demo:train.")
 @click.option("--eval-data", default=None, help="Held-out images (default: the last --eval-images of --data).")
 @click.option("--out", required=True, help="Output folder or fsspec URL: checkpoints/, metrics.jsonl, final/.")
-@click.option("--sigmas", default="0.25,0.5,1.0", help="Pixel-space smoothing levels the model will serve.")
+@sigma_option("--sigmas", default=("0.25,0.5,1.0",), help="Pixel-space smoothing levels the model will serve.")
 @click.option("--steps", default=2000, type=int, help="Optimizer steps (rerun with more to continue a run).")
 @click.option("--batch-size", default=64, type=int, help="Global batch, split evenly across all ranks.")
 @click.option("--lr", default=1e-4, type=float, help="RAdam learning rate.")
@@ -38,7 +28,7 @@ def parse_sigmas(text: str) -> tuple:
 @click.option("--lpips-random-backbone", is_flag=True, help="Random LPIPS trunk: tests and demos ONLY.")
 @click.option("--ema-decay", default=0.999, type=float, help="EMA of the weights, exported (0: off, export raw).")
 @click.option("--grad-clip", default=1.0, type=float, help="Max gradient norm (0: off).")
-@click.option("--time-rule", type=click.Choice(TIME_RULES), default="nearest", help="t_sigma rule.")
+@time_rule_option
 @click.option("--purifier-label", default="random",
               help="Labels a class-conditional network sees: random or fixed:K (never the true label).")
 @click.option("--classifier", default=None, help="Classifier spec: also report accuracy of clf(purify(x+noise)).")
@@ -57,14 +47,14 @@ def finetune(sigmas, gpus_per_node, ranks_per_node, submit, **options):
       cpcluster finetune --model demo-random --data demo:train --eval-data demo --steps 20 --batch-size 16 \\
           --lpips-random-backbone --lpips-net alex --lpips-resize 32 --executor local --out runs/ft-demo --wait
       cpcluster finetune --nodes 4 --gpus-per-node 8 --model diffusers:/ckpt/cd_imagenet64_lpips \\
-          --data npz:/data/imagenet64_train.npz --sigmas 0.25,0.5,1.0 --out /shared/runs/ft --executor slurm
+          --data npz:/data/imagenet64_train.npz --sigma 0.25,0.5,1.0 --out /shared/runs/ft --executor slurm
     The result, <out>/final, certifies with `cpcluster certify --denoiser finetuned:<out>/final`.
     """
     from cpcluster.core.losses import RANDOM_BACKBONE_WARNING
     from cpcluster.orchestrate.finetune import layout, submit_training, training_job
 
     ranks, device, options["out"] = layout(gpus_per_node, ranks_per_node, options["out"])
-    config = FinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks, device=device, **options)
+    config = FinetuneConfig(sigmas=sigmas, ranks_per_node=ranks, device=device, **options)
     job = training_job(config)
     warning = RANDOM_BACKBONE_WARNING.format(net=config.lpips_net) if config.lpips_random_backbone else None
     submit_training(job, config, submit, gpus_per_node, "`cpcluster certify --denoiser finetuned:{final}`",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.options import CONTEXT
-from cpcluster.core.choices import DEVICES, TIME_RULES
+from cpcluster.cli.options import CONTEXT, solver_steps_option, time_rule_option
+from cpcluster.core.choices import DEVICES
 from cpcluster.core.config import parse_indices
 
 
@@ -16,10 +16,10 @@ from cpcluster.core.config import parse_indices
 @click.option("--dataset", default="demo", show_default=True, metavar="SPEC")
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="Decides the frame colours.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (as in `cpcluster quality`).")
-@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True)
+@time_rule_option
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
-@click.option("--purifier-steps", type=int, default=None, help="Solver steps (pf-ode).")
+@solver_steps_option("--purifier-steps", dest="purifier_steps")
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True, help="Pixels per image pixel.")
 @click.option("--device", type=click.Choice([d for d in DEVICES if d != "auto"]), default="cpu", show_default=True)
 @click.option("--out", default="grid.png", show_default=True, metavar="FILE.png", help="The arrays go beside it.")

@@ -9,8 +9,8 @@ import json
 
 import click
 
-from cpcluster.cli.options import parse_sigma_list
-from cpcluster.core.choices import DEVICES, TIME_RULES
+from cpcluster.cli.options import sigma_option, solver_steps_option, time_rule_option
+from cpcluster.core.choices import DEVICES
 from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.util.errors import InputError
 
@@ -20,12 +20,10 @@ from cpcluster.util.errors import InputError
 @click.option("--classifier", default="demo", show_default=True, help="Classifier spec, transform options after '?'.")
 @click.option("--dataset", default="demo", show_default=True, help="Dataset spec (cifar10:DIR, imagenet64:..., ...); "
               "'' to skip.")
-@click.option("--sigma", "sigmas", multiple=True, default=("0.25", "0.5", "1.0"), show_default=True,
-              callback=parse_sigma_list, help="Pixel-space noise level; repeat or comma-separate.")
+@sigma_option(default=("0.25,0.5,1.0",), show_default=True)
 @click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", show_default=True)
-@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True,
-              help="t_sigma: training-grid point nearest 2*sigma, or 2*sigma exactly.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="pf-ode steps (default 10).")
+@time_rule_option
+@solver_steps_option("--steps")
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -46,7 +44,7 @@ def inspect_cmd(denoiser, classifier, dataset, sigmas, purifier, time_rule, step
       cpcluster inspect --denoiser demo-random --classifier demo-random --dataset demo --sigma 0.25,0.5,1.0
       cpcluster inspect --denoiser diffusers:/ckpt/cd_imagenet64_lpips --purifier-label random \\
           --classifier 'timm:resnet50:/ckpt/r50.safetensors?resize=224&interp=bicubic&mean=imagenet' \\
-          --dataset imagenet64:/data/Imagenet64_val --sigma 0.25 --time exact
+          --dataset imagenet64:/data/Imagenet64_val --sigma 0.25 --time-rule exact
     """
     from cpcluster.orchestrate.inspect import format_report, inspect_setup
 

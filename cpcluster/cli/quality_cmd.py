@@ -7,8 +7,8 @@ import os
 
 import click
 
-from cpcluster.cli.options import CONTEXT, shard_submit_options
-from cpcluster.core.choices import DEVICES, LPIPS_NETS, TIME_RULES
+from cpcluster.cli.options import CONTEXT, shard_submit_options, sigma_option, solver_steps_option, time_rule_option
+from cpcluster.core.choices import DEVICES, LPIPS_NETS
 from cpcluster.core.config import parse_indices
 
 
@@ -16,7 +16,7 @@ from cpcluster.core.config import parse_indices
 @click.option("--purifier", "purifiers", multiple=True, metavar="[NAME=]KIND[:DENOISER]",
               help="A purifier to measure, e.g. consistency:demo or onestep-ddpm:diffusers:/ckpt/ddpm or none; "
                    "repeat for several.")
-@click.option("--sigma", "sigmas", type=float, multiple=True, metavar="SIGMA", help="Pixel-space noise; repeat.")
+@sigma_option()
 @click.option("--dataset", default="demo", show_default=True, metavar="SPEC")
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="For the accuracy column.")
 @click.option("--skip", type=int, default=1, show_default=True, help="Every K-th image.")
@@ -25,10 +25,10 @@ from cpcluster.core.config import parse_indices
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (the same noise for every purifier).")
 @click.option("--shards", "num_shards", type=int, default=1, show_default=True, help="Shard jobs per run.")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per forward.")
-@click.option("--time", "time_rule", type=click.Choice(TIME_RULES), default="nearest", show_default=True)
+@time_rule_option
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
-@click.option("--purifier-steps", type=int, default=None, help="Solver steps (pf-ode).")
+@solver_steps_option("--purifier-steps", dest="purifier_steps")
 @click.option("--lpips-net", type=click.Choice(LPIPS_NETS), default="vgg", show_default=True)
 @click.option("--lpips-resize", type=int, default=224, show_default=True, help="Upsampling before LPIPS (0: none).")
 @click.option("--lpips-random-backbone", is_flag=True, help="Random LPIPS trunk: tests and demos ONLY.")

@@ -33,7 +33,7 @@ PRESETS = {
 }
 # What each preset's network is: the CD/CT models are consistency functions on the 18-point grid; the EDM teacher is
 # an EDM denoiser D = c_skip x + c_out F(c_in x, 0.25 ln t) with sigma_data 0.5 (jcm's get_denoiser_fn), continuous
-# in t (no grid: purify with --time exact).
+# in t (no grid: purify with --time-rule exact).
 PRESET_META = {
     "cifar10-cd": {"kind": "consistency", "c_noise": "jax", "num_classes": None},
     "cifar10-edm": {"kind": "edm", "c_noise": "jax", "preconditioned": False, "sigma_data": 0.5, "num_classes": None},

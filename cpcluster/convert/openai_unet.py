@@ -106,8 +106,8 @@ def preset_config(options: dict[str, str], what: str) -> tuple[str, dict, dict, 
     if config["out_channels"] == 2 * config["in_channels"]:
         notes.append("learned sigma: the network's variance channels are dropped (only the mean is used)")
     if meta["kind"] == "edm":
-        notes.append("EDM denoiser: --purifier pf-ode --time exact (no training grid; or net:OUT?grid_steps=40 for "
-                     "the CD model's grid); --steps 1 is one-step denoising D(x, t)")
+        notes.append("EDM denoiser: --purifier pf-ode --time-rule exact (no training grid; or net:OUT?grid_steps=40 for "
+                     "the CD model's grid); --solver-steps 1 is one-step denoising D(x, t)")
     return name, config, meta, notes
 
 

@@ -139,7 +139,7 @@ class CertifyConfig:
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise InputError(f"--steps {self.steps}: must be at least 1")
+            raise InputError(f"--solver-steps {self.steps}: must be at least 1")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads {self.threads}: must be at least 1")
         check_batching(self.block_size, self.draw_batch)
@@ -273,9 +273,9 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
     object.__setattr__(cfg, "sigmas", tuple(float(s) for s in cfg.sigmas))
     bad = [s for s in cfg.sigmas if not 0 < s < math.inf]
     if not cfg.sigmas or bad:
-        raise InputError(f"--sigmas {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
+        raise InputError(f"--sigma {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
                          f"{'%g is not positive (or not finite); ' % bad[0] if bad else ''}give one or more "
-                         "positive pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+                         "positive pixel-space noise levels, e.g. --sigma 0.25,0.5,1.0")
     for name in positive:
         if int(getattr(cfg, name)) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")

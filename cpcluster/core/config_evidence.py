@@ -81,7 +81,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
         if not 0 < self.lr_gamma <= 1:
             raise InputError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         if self.purifier_steps is not None and self.purifier_steps < 1:
-            raise InputError(f"--purifier-steps {self.purifier_steps}: must be at least 1")
+            raise InputError(f"--solver-steps {self.purifier_steps}: must be at least 1")
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:

@@ -109,7 +109,7 @@ class ConsistencyPurifier(DenoiserPurifier):
                  label_policy: LabelPolicy = LabelPolicy(), **_):
         super().__init__()
         if denoiser.kind != "consistency":
-            fix = "pf-ode (--steps 1 is one-shot denoising)" if denoiser.kind == "edm" else "onestep-ddpm or pf-ode"
+            fix = "pf-ode (--solver-steps 1 is one-shot denoising)" if denoiser.kind == "edm" else "onestep-ddpm or pf-ode"
             raise InputError(f"--denoiser {denoiser.spec}: a {denoiser.kind} network cannot drive the consistency "
                              f"purifier; use --purifier {fix}")
         self.denoiser = denoiser
@@ -119,7 +119,7 @@ class ConsistencyPurifier(DenoiserPurifier):
         try:
             self.t = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
         except ValueError as e:
-            raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time exact") \
+            raise InputError(f"--denoiser {denoiser.spec}: {e}; set grid_steps in the spec or use --time-rule exact") \
                 from None
         self.label_policy = label_policy
 

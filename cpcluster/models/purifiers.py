@@ -45,8 +45,8 @@ def build_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, **o
 
 def configured_purifier(name: str, denoiser: LoadedDenoiser | None, sigma: float, time_rule: str = "nearest",
                         purifier_label: str = "random", steps: int | None = None) -> Purifier:
-    """:func:`build_purifier` from the command-line settings every job has (``--time``, ``--purifier-label``,
-    ``--steps`` of pf-ode)."""
+    """:func:`build_purifier` from the command-line settings every job has (``--time-rule``, ``--purifier-label``,
+    ``--solver-steps`` of pf-ode)."""
     from cpcluster.models.purifier_base import LabelPolicy
 
     options = {"time_rule": time_rule, "label_policy": LabelPolicy(purifier_label)}

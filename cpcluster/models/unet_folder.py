@@ -16,7 +16,7 @@ Metadata layers, later ones override earlier ones:
 3. the spec options after ``?``.
 
 ``num_classes`` always comes from the UNet config (``num_class_embeds``). A consistency network without
-``grid_steps`` can only run with ``--time exact``; ``inspect`` shows ``grid_steps: None`` for it.
+``grid_steps`` can only run with ``--time-rule exact``; ``inspect`` shows ``grid_steps: None`` for it.
 """
 from __future__ import annotations
 
