@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.core.shards import ShardData
 from cpcluster.sharding.plan import plan_from_config
-from cpcluster.shards import ShardData
+from cpcluster.util.errors import InputError
 
 
 def absent_images(shards: Sequence[ShardData], missing_shards: Sequence[int]) -> tuple:

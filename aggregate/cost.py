@@ -1,7 +1,7 @@
 """Cost accounting: device time per table row, draws per second, and certified accuracy against cost per image.
 
 Every certify shard records, per unit, the device-seconds spent counting it (``unit_seconds``, see
-:mod:`cpcluster.shard_extras`), and in its ``shard`` attribute the device type and the network evaluations per
+:mod:`cpcluster.core.shard_extras`), and in its ``shard`` attribute the device type and the network evaluations per
 draw (``cost``: purifier NFE + one classifier forward). A row's cost is the sum over the units it uses (identical
 duplicate units counted once), so cost figures add up across shards: a run cut into any number of shards
 reports the sum of its shards' device time. Rows whose files lack the timing (older shards, synthetic files)

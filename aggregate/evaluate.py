@@ -15,7 +15,7 @@ import numpy as np
 
 from cpcluster.aggregate import stats
 from cpcluster.aggregate.merge import GroupCounts
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 
 @dataclass(frozen=True)

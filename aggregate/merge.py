@@ -25,11 +25,11 @@ from cpcluster.aggregate.absent import absent_images
 from cpcluster.aggregate.cost import Cost, group_cost
 from cpcluster.aggregate.identity import identity, identity_hash, method_labels, method_name, predict_partners
 from cpcluster.aggregate.skipping import REASONS, Skips, merge_skipped, verify
-from cpcluster.errors import InputError
+from cpcluster.core.choices import MODES
+from cpcluster.core.shards import ShardData
 from cpcluster.sharding.seeds import NOISE_SCHEME
-from cpcluster.shards import ShardData
+from cpcluster.util.errors import InputError
 
-MODES = ("certify", "predict")
 
 
 @dataclass(frozen=True)

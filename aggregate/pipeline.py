@@ -3,7 +3,7 @@
 Order of work: expand the paths, read and check every file, merge per ``(method, sigma, mode)``, decide per image,
 render every output to bytes, and only then write. So any validation error leaves the output folder untouched.
 The outputs of one aggregation appear together or not at all: all are written to temporary names first and
-renamed into place only when every one is written (:func:`cpcluster.fileio.write_files_together`), so a full disk
+renamed into place only when every one is written (:func:`cpcluster.util.fileio.write_files_together`), so a full disk
 leaves the folder as it was.
 
 Outputs in ``out``: one TSV per group (``<method>-sigma<s>[-predict].tsv``), ``summary.json``, ``table.md`` (and
@@ -28,10 +28,10 @@ from cpcluster.aggregate.evaluate import envelopes, evaluate_group
 from cpcluster.aggregate.merge import merge_shards
 from cpcluster.aggregate.plot import plot_png
 from cpcluster.aggregate.report import TABLE_FILES, summary_bytes, table_text, tsv_bytes, tsv_names
-from cpcluster.config import AggregateOptions
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, read_json, write_files_together
-from cpcluster.shards import SHARD_GLOB, expand_paths, join_url, read_shard
+from cpcluster.core.config import AggregateOptions
+from cpcluster.core.shards import SHARD_GLOB, expand_paths, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import filesystem, join_url, read_json, write_files_together
 
 PLOT_FILE = "certified_accuracy.png"
 COST_PLOT = "cost.png"
@@ -65,7 +65,7 @@ def default_out(paths: list) -> str:
 
 
 def input_files(patterns) -> list:
-    """:func:`cpcluster.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
+    """:func:`cpcluster.core.shards.expand_paths`, plus: a folder matched by a glob stands for the shard files in it
     (folders without any, like an earlier ``aggregate`` output, are skipped)."""
     for p in patterns:
         _refuse_unstarted_run(p)

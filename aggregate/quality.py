@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from cpcluster.aggregate.quality_io import SHARD_GLOB, QualityShard, read_quality_shard
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DEFAULT_TRANSPORT_IMAGES = 1000
 
@@ -94,7 +94,7 @@ def find_shards(patterns) -> list[str]:
     """Run folders, shard files or globs (any fsspec URL) -> the quality shard files; InputError for none."""
     import fsspec
 
-    from cpcluster.shards import expand_paths
+    from cpcluster.core.shards import expand_paths
 
     out = []
     for path in expand_paths(patterns, SHARD_GLOB):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 SHARD_GLOB = "quality-*-of-*.npz"
 ARRAYS = {"image_index": np.int64, "labels": np.int64, "features": np.float32, "images": np.float16,

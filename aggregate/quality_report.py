@@ -80,7 +80,7 @@ def build_report(paths, transport_images: int = DEFAULT_TRANSPORT_IMAGES, plot: 
 
 def write_report(paths, out: str, transport_images: int = DEFAULT_TRANSPORT_IMAGES, plot: bool = True):
     """Build the report, then write its files into ``out``; returns ``(printed text, written URLs)``."""
-    from cpcluster.shards import join_url, write_bytes_atomic
+    from cpcluster.util.fileio import join_url, write_bytes_atomic
 
     text, outputs = build_report(paths, transport_images, plot)
     written = []

@@ -108,14 +108,14 @@ class Skips:
 
 
 def merge_skipped(shards: Sequence, image_index: np.ndarray, counted: np.ndarray, plan) -> Skips:
-    """Merge the ``skipped`` rows of a group's ``shards`` (see :mod:`cpcluster.shard_extras`).
+    """Merge the ``skipped`` rows of a group's ``shards`` (see :mod:`cpcluster.core.shard_extras`).
 
     ``counted``: (K, 3) ``(image, stream, block)`` of the units counted in the group; ``plan``: its
     :class:`~cpcluster.aggregate.merge.RunPlan`. Raises InputError naming a file for: skips in a run without early
     stopping, a skipped unit the plan does not have (or with other draws), one skipped with two reasons, one both
     skipped and counted, an image skipped for two reasons. Identical rows in two files count once.
     """
-    from cpcluster.errors import InputError
+    from cpcluster.util.errors import InputError
 
     m = len(image_index)
     zeros = np.zeros(m, dtype=np.int64)

@@ -25,7 +25,8 @@ import numpy as np
 
 
 def make_case(folder: str, images: int, classes: int, files: int = 64, seed: int = 0) -> list:
-    from cpcluster.shards import encode_shard, shard_name, write_bytes_atomic
+    from cpcluster.core.shards import encode_shard, shard_name
+    from cpcluster.util.fileio import write_bytes_atomic
 
     n0, n = 100, 10_000
     cfg = {"sigma": 0.5, "n0": n0, "n": n, "block_size": n, "draw_batch": 1000, "seed": 0,
@@ -67,8 +68,8 @@ def time_case(paths: list, out: str, repeat: int, loop_images: int) -> dict:
     from cpcluster.aggregate.evaluate import evaluate_group
     from cpcluster.aggregate.merge import merge_shards
     from cpcluster.aggregate.pipeline import run_aggregate
-    from cpcluster.config import AggregateOptions
-    from cpcluster.shards import read_shard
+    from cpcluster.core.config import AggregateOptions
+    from cpcluster.core.shards import read_shard
 
     opts = AggregateOptions(paths=tuple(paths), out=out)
     import subprocess

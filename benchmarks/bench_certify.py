@@ -5,7 +5,7 @@ device and threads, interleaved round by round (shared machines drift; ratios co
 
 * ``bare``   : only ``model(x)`` on a pre-built noisy batch of ``--batch`` rows, as many forwards as the draws need
                (no noise, no counting): the ceiling;
-* ``engine`` : :class:`cpcluster.engine.CountingEngine` (seeded on-device noise, packed forwards, bincount);
+* ``engine`` : :class:`cpcluster.core.engine.CountingEngine` (seeded on-device noise, packed forwards, bincount);
 * ``cohen``  : locuslab/smoothing ``Smooth._sample_noise``: one image at a time, batches of ``--batch``,
                ``randn_like`` noise, ``argmax`` then counting on the host with numpy.
 
@@ -43,7 +43,8 @@ def build(name: str, device: str):
     from cpcluster.demo.models import DENOISER_META, _random
     from cpcluster.demo.nets import DemoUNet
     from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-    from cpcluster.models.purifiers import SmoothedBase, build_purifier
+    from cpcluster.models.purifier_base import SmoothedBase
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     if name in ("demo", "tiny"):  # tiny: the demo classifier alone (purifier none), where overheads show most
@@ -76,7 +77,7 @@ def run_bare(model, x, draws, batch, sigma):
 def run_engine(model, x, images, n0, n, batch, sigma):
     import numpy as np
 
-    from cpcluster.engine import CountingEngine
+    from cpcluster.core.engine import CountingEngine
     from cpcluster.sharding import build_units
 
     units = build_units(range(images), n0, n, 1000 if n % 1000 == 0 else n, "certify")
@@ -153,7 +154,7 @@ def seeding_us(x, device: str, clock=time.perf_counter, batches: int = 2000) -> 
     import numpy as np
     import torch
 
-    from cpcluster.noise import BatchGenerator
+    from cpcluster.core.noise import BatchGenerator
 
     gen = BatchGenerator(0, device)
     old = torch.Generator(device=device)

@@ -24,12 +24,13 @@ import time
 
 def certify(cfg) -> tuple:
     """Run every shard of ``cfg`` here; ``(wall s, CPU s, draws counted, draws planned, shards)``."""
-    from cpcluster import runs
+    from cpcluster.core import runs
+    from cpcluster.orchestrate import rundir
+    from cpcluster.core.shards import read_shard
     from cpcluster.jobs.certify import CertifyShardJob
-    from cpcluster.shards import read_shard
 
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     t0, c0 = time.perf_counter(), time.process_time()
     shards = [read_shard(CertifyShardJob(cfg, k)()) for k in range(run.plan.num_shards)]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -51,7 +52,7 @@ def main() -> int:
     import torch
 
     from cpcluster.aggregate.pipeline import run_aggregate
-    from cpcluster.config import AggregateOptions, CertifyConfig
+    from cpcluster.core.config import AggregateOptions, CertifyConfig
 
     torch.set_num_threads(1)
     logging.getLogger("cpcluster").addHandler(logging.NullHandler())  # the shard jobs' progress lines stay out

@@ -27,7 +27,7 @@ import time
 def one_run(ranks: int, loss: str, args, folder: str) -> float:
     import submitit
 
-    from cpcluster.config import FinetuneConfig
+    from cpcluster.core.config import FinetuneConfig
     from cpcluster.jobs.finetune import FinetuneJob
 
     config = FinetuneConfig(model="demo-random", data="demo:train", out=os.path.join(folder, f"r{ranks}-{loss}"),

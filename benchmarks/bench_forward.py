@@ -28,7 +28,8 @@ def build(width: int, device: str):
     from torch import nn
 
     from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-    from cpcluster.models.purifiers import SmoothedBase, build_purifier
+    from cpcluster.models.purifier_base import SmoothedBase
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.transforms import InputTransform, TransformedClassifier, transform_from_options
     from cpcluster.models.unet_folder import DiffusersUNet
 

@@ -2,7 +2,7 @@
 
 ``CertifyShardJob(config, shard_index)()`` loads the dataset slice and the models on its device (CUDA when
 available), recomputes the run's plan, and counts every unit of its shard that the shard's journal does not hold
-yet, appending each unit's counts durably as soon as it is complete (:class:`cpcluster.shards.ShardWriter`). At the
+yet, appending each unit's counts durably as soon as it is complete (:class:`cpcluster.core.shard_writer.ShardWriter`). At the
 end it writes the HDF5 shard atomically. Killed at any moment and rerun (or requeued by submitit through
 :meth:`CertifyShardJob.checkpoint`), it continues after the last recorded unit; a finished shard is a no-op.
 SIGTERM (``scancel``, ``scontrol requeue``, a node drain) stops the shard right after the unit in progress is
@@ -18,9 +18,9 @@ import sys
 import time
 from contextlib import contextmanager
 
-from cpcluster.config import CertifyConfig
-from cpcluster.errors import InputError
-from cpcluster.signals import Terminated, stop_on_sigterm
+from cpcluster.core.config import CertifyConfig
+from cpcluster.util.errors import InputError
+from cpcluster.util.signals import Terminated, stop_on_sigterm
 
 log = logging.getLogger("cpcluster.certify")
 LOG_EVERY_S = 30.0
@@ -60,7 +60,7 @@ class CertifyShardJob:
     def __call__(self) -> str:
         import torch
 
-        from cpcluster import runs
+        from cpcluster.core import runs
 
         _ensure_log_handler()
         config = self.config
@@ -92,13 +92,13 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible to this process")
+        raise InputError("--device cuda: no CUDA device is visible to this process; use --device auto or cpu")
     return torch.device(name)
 
 
 def _check_run_record(run) -> None:
     """Refuse to add shards to a run directory whose ``run.json`` names another configuration."""
-    from cpcluster.runs import read_run
+    from cpcluster.core.runs import read_run
 
     record = read_run(run.config.run_dir)
     if record is not None and (record.get("config_hash") != run.config_hash
@@ -112,7 +112,9 @@ def run_shard(run, models, purifier, index: int, device) -> str:
     import numpy as np
     import torch
 
-    from cpcluster.shards import ShardWriter, _journal_path, read_journal, unplanned_units
+    from cpcluster.core.journal import journal_path, read_journal
+    from cpcluster.core.shard_writer import ShardWriter
+    from cpcluster.core.shards import unplanned_units
 
     url = run.shard_url(index)
     total = run.plan.num_shards
@@ -127,11 +129,11 @@ def run_shard(run, models, purifier, index: int, device) -> str:
             "device": str(device), "rng_device": device.type, "batch": run.config.batch,
             "torch": torch.__version__, "numpy": np.__version__, "start_time": start,
             "cost": cost_info(device, purifier)}
-    with _shard_lock(_journal_path(url, None)) as lock:
+    with _shard_lock(journal_path(url, None)) as lock:
         if _finished(run, url, index, repair=True):  # another process finished it while we waited to start
             return url
         _remove_temporaries(url)
-        first = read_journal(_journal_path(url, None))
+        first = read_journal(journal_path(url, None))
         if first is not None and first.header.get("shard", {}).get("rng_device") not in (None, device.type):
             info["rng_device"] = "mixed"  # valid, but the noise of this shard is not bit-reproducible
             info["cost"]["device_type"] = "mixed"  # its unit seconds come from two kinds of device
@@ -186,14 +188,14 @@ def cost_info(device, purifier) -> dict:
 
 
 def _finished(run, url: str, index: int, repair: bool) -> bool:
-    """True when the shard file exists and is a finished shard of this run (:func:`cpcluster.runs.verified_shard`).
+    """True when the shard file exists and is a finished shard of this run (:func:`cpcluster.core.runs.verified_shard`).
 
     A file of another run configuration is an :class:`InputError` (never replaced). A damaged one (truncated,
     edited, marked incomplete, other units) is not finished: with ``repair`` (only under the shard's lock) it is
     moved aside to ``<file>.damaged`` so that the shard is counted again.
     """
-    from cpcluster.runs import ShardMismatch, verified_shard
-    from cpcluster.shards import exists
+    from cpcluster.core.runs import ShardMismatch, verified_shard
+    from cpcluster.util.fileio import exists
 
     if not exists(url):
         return False
@@ -212,7 +214,7 @@ def _finished(run, url: str, index: int, repair: bool) -> bool:
 
 
 def _move(src: str, dst: str) -> None:
-    from cpcluster.fileio import filesystem
+    from cpcluster.util.fileio import filesystem
 
     fs, path = filesystem(src)
     fs.mv(path, filesystem(dst)[1])
@@ -221,7 +223,7 @@ def _move(src: str, dst: str) -> None:
 def _remove_temporaries(url: str) -> None:
     """Delete what a process killed while finishing this shard left: ``<file>.*.tmp`` / ``<file>.tmp`` (they are
     partial copies of the shard file; its journal still holds every unit)."""
-    from cpcluster.fileio import filesystem
+    from cpcluster.util.fileio import filesystem
 
     fs, path = filesystem(url)
     for stale in fs.glob(path + ".*tmp"):
@@ -247,8 +249,8 @@ class _Counter:
     def _build(self):
         import torch
 
-        from cpcluster.engine import CountingEngine
-        from cpcluster.models.purifiers import SmoothedBase
+        from cpcluster.core.engine import CountingEngine
+        from cpcluster.models.purifier_base import SmoothedBase
 
         x, _ = self.models.dataset.get(self.images)
         model = SmoothedBase(self.purifier, self.models.classifier).to(self.device).eval()
@@ -354,8 +356,8 @@ def main(argv=None) -> int:
     The run is rebuilt from ``RUN_DIR/run.json``; a recorded spec that runs code when loaded must be repeated with
     ``--denoiser`` / ``--classifier`` (:func:`cpcluster.models.specs.confirm_recorded_specs`).
     """
+    from cpcluster.core.runs import recorded_run
     from cpcluster.models.specs import confirm_recorded_specs
-    from cpcluster.runs import read_run
 
     args = list(sys.argv[1:] if argv is None else argv)
     given = {}
@@ -366,13 +368,7 @@ def main(argv=None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        record = read_run(args[0])
-        if record is None:
-            raise InputError(f"{args[0]}: no run.json; prepare the run with `cpcluster certify` first")
-        try:
-            config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": args[0]})
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{args[0]}/run.json: its certify config cannot be read ({e})") from None
+        _, config = recorded_run(args[0])
         confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier}, given,
                                f"{args[0]}/run.json")
         print(CertifyShardJob(config, int(args[1]))())

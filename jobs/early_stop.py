@@ -81,7 +81,9 @@ def count_in_rounds(counter, units: np.ndarray, labels: dict, writer, n: int, ma
 # ------------------------------------------------------------------------------------------------------ dry run
 def recorded_selection(run) -> dict:
     """``{image: (C,) selection counts}`` recorded so far in ``run``'s directory (finished shards and journals)."""
-    from cpcluster.shards import _journal_path, exists, read_journal, read_shard
+    from cpcluster.core.journal import journal_path, read_journal
+    from cpcluster.core.shards import read_shard
+    from cpcluster.util.fileio import exists
 
     out = {}
     for k in range(run.plan.num_shards):
@@ -90,7 +92,7 @@ def recorded_selection(run) -> dict:
             shard = read_shard(url)
             units, counts = (shard.units, shard.counts) if shard.config_hash == run.config_hash else ((), ())
         else:
-            state = read_journal(_journal_path(url, None))
+            state = read_journal(journal_path(url, None))
             ok = state is not None and state.header.get("config_hash") == run.config_hash
             units, counts = (state.units, state.counts) if ok else ((), ())
         out.update({int(u[0]): c for u, c in zip(units, counts) if u[1] == SELECTION})

@@ -20,13 +20,13 @@ import os
 
 import numpy as np
 
-from cpcluster.config import FinetuneConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, Diverged,  # noqa: F401
                                      FinetuneTerminated, Trainer, TrainingJob, derive_seed, digest, epoch_order,
                                      global_batch, rank_rows, rank_setup, step_draws)
+from cpcluster.util.errors import InputError
 
 
 class FinetuneJob(TrainingJob):
@@ -116,23 +116,23 @@ def preflight(config: FinetuneConfig) -> None:
     check_specs([("denoiser", "--model", config.model), ("dataset", "--data", config.data),
                  ("dataset", "--eval-data", config.eval_data), ("classifier", "--classifier", config.classifier)])
     if needs_lpips(config) and not config.lpips_random_backbone:
-        from cpcluster.losses import check_backbone
+        from cpcluster.core.losses import check_backbone
 
         check_backbone(config.lpips_net)
     check_run_record(config.out, config.run_dict())
 
 
 def run(config: FinetuneConfig) -> dict:
-    """Train on this rank (``cpcluster.dist`` already initialised); returns a summary of this rank's run."""
+    """Train on this rank (``cpcluster.util.dist`` already initialised); returns a summary of this rank's run."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from cpcluster import dist
-    from cpcluster.losses import RANDOM_BACKBONE_WARNING, PerceptualLoss, PixelLoss, build_lpips
+    from cpcluster.core.losses import PerceptualLoss, PixelLoss, RANDOM_BACKBONE_WARNING, build_lpips
     from cpcluster.models.consistency import ConsistencyFunction, pixel_to_model, time_for_sigma
     from cpcluster.models.finetuned import export_finetuned
-    from cpcluster.models.purifiers import LabelPolicy
+    from cpcluster.models.purifier_base import LabelPolicy
     from cpcluster.models.specs import load_classifier, load_denoiser
+    from cpcluster.util import dist
 
     cfg = config
     info, device, amp = rank_setup(cfg)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 
-from cpcluster.config_evidence import ClassifierFinetuneConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.jobs.finetune import check_specs, datasets
 from cpcluster.jobs.finetune_io import check_run_record
 from cpcluster.jobs.training import (DROPOUT_STREAM, Trainer, TrainingJob, derive_seed, global_batch, rank_rows,
                                      rank_setup, step_draws)
+from cpcluster.util.errors import InputError
 
 
 class ClassifierFinetuneJob(TrainingJob):
@@ -89,16 +89,16 @@ def purify(purifiers, noisy, choice, labels):
 
 
 def run(config: ClassifierFinetuneConfig) -> dict:
-    """Train on this rank (``cpcluster.dist`` already initialised); returns a summary of this rank's run."""
+    """Train on this rank (``cpcluster.util.dist`` already initialised); returns a summary of this rank's run."""
     import torch
     from torch.nn import functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from cpcluster import dist
     from cpcluster.jobs.finetune_eval import HeldOut
     from cpcluster.models.finetuned_classifier import export_finetuned_classifier
-    from cpcluster.models.purifiers import LabelPolicy
+    from cpcluster.models.purifier_base import LabelPolicy
     from cpcluster.models.specs import load_classifier
+    from cpcluster.util import dist
 
     cfg = config
     info, device, amp = rank_setup(cfg)

@@ -17,16 +17,16 @@ The evaluation noise is fixed for the whole run: batch ``j`` of sigma ``i`` draw
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import torch
 
-from cpcluster import dist
 from cpcluster.jobs.training import EVAL_STREAM, NOISE_STREAM, TRAIN_STREAM, derive_seed  # noqa: F401 (re-exported)
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import LabelPolicy, build_purifier
+from cpcluster.models.purifier_base import LabelPolicy
+from cpcluster.models.purifiers import build_purifier
+from cpcluster.util import dist
 
 
 class HeldOut:
@@ -129,34 +129,3 @@ class Evaluator:
         sums = self.held.measure(purifiers, self.classifier, self.perceptual)
         module.train(was_training)
         return self.held.records(sums, step, which, purifiers, lpips=True, acc=self.classifier is not None)
-
-
-def plot_curves(records: list[dict], url: str) -> None:
-    """Training loss and per-sigma eval LPIPS / L2 / accuracy against step, as one PNG written atomically."""
-    from matplotlib.figure import Figure  # no pyplot: no backend selection, no global state
-
-    from cpcluster.shards import write_bytes_atomic
-
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    panels = [("loss", "training loss (global batch)"), ("lpips", "held-out LPIPS(purified, clean)"),
-              ("l2", "held-out L2(purified, clean), pixel space"), ("acc", "held-out accuracy of classifier(purified)")]
-    panels = [p for p in panels if p[0] == "loss" or any(r.get(p[0]) is not None for r in evals)]
-    fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.15,
-                                                                    "top": 0.9, "wspace": 0.28})[0]
-    for ax, (key, title) in zip(axes, panels):
-        if key == "loss":
-            ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
-        else:
-            for sigma in sorted({r["sigma"] for r in evals}):
-                rows = [r for r in evals if r["sigma"] == sigma and r.get(key) is not None]
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=f"sigma={sigma:g}")
-            if evals:
-                ax.legend(fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_bytes_atomic(url, buf.getvalue())

@@ -5,7 +5,7 @@ Layout under ``<out>``::
     finetune.json                  the run's config, run_dict and run_hash (checked before resubmitting)
     checkpoints/step-00001000.pt   torch.save of plain dicts/tensors, read back with weights_only=True
     metrics.jsonl                  one JSON record per line (train and eval), rewritten atomically
-    curves.png                     the evaluation curves (jobs/finetune_eval.py)
+    curves.png                     the training and evaluation curves (:func:`plot_curves`)
     final/                         a network folder: model.safetensors + cpcluster.json (models/finetuned.py)
 
 A checkpoint holds ``step`` (optimizer steps done), ``run`` and ``run_hash`` (``FinetuneConfig.run_dict()``),
@@ -24,9 +24,9 @@ import warnings
 
 import fsspec
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, parse_json, read_json, read_regular
-from cpcluster.shards import config_hash, join_url, write_bytes_atomic
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import (config_hash, filesystem, join_url, parse_json, read_json, read_regular,
+                                   write_bytes_atomic)
 
 FORMAT = "cpcluster-finetune-checkpoint"
 RUN_RECORD = "finetune.json"
@@ -135,3 +135,32 @@ def read_metrics(out: str) -> list[dict]:
         return []
     return [parse_json(line, f"{url}: line {n}") for n, line in enumerate(read_regular(url).splitlines(), 1)
             if line.strip()]
+
+
+def plot_curves(records: list[dict], url: str) -> None:
+    """Training loss and per-sigma eval LPIPS / L2 / accuracy against step, as one PNG written atomically."""
+    from matplotlib.figure import Figure  # no pyplot: no backend selection, no global state
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    panels = [("loss", "training loss (global batch)"), ("lpips", "held-out LPIPS(purified, clean)"),
+              ("l2", "held-out L2(purified, clean), pixel space"), ("acc", "held-out accuracy of classifier(purified)")]
+    panels = [p for p in panels if p[0] == "loss" or any(r.get(p[0]) is not None for r in evals)]
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.15,
+                                                                    "top": 0.9, "wspace": 0.28})[0]
+    for ax, (key, title) in zip(axes, panels):
+        if key == "loss":
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+        else:
+            for sigma in sorted({r["sigma"] for r in evals}):
+                rows = [r for r in evals if r["sigma"] == sigma and r.get(key) is not None]
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", ms=3, label=f"sigma={sigma:g}")
+            if evals:
+                ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes_atomic(url, buf.getvalue())

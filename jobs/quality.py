@@ -4,7 +4,7 @@
 ``num_shards`` contiguous pieces), and for each image ``x`` (pixel space [0, 1]) with noise ``z`` drawn from a
 generator seeded by ``(seed, image index)`` -- the same noise for every purifier and every way of splitting --
 computes ``p = purify(x + sigma z)`` (``p = x`` for the clean reference run) and records the Inception features of
-``p`` (:mod:`cpcluster.fid`), ``p`` itself, LPIPS(p, x) and ||p - x||_2 and the classifier's prediction on ``p``
+``p`` (:mod:`cpcluster.core.fid`), ``p`` itself, LPIPS(p, x) and ||p - x||_2 and the classifier's prediction on ``p``
 (``aggregate/quality_io.py`` has the file format). ``aggregate/quality.py`` turns the shards of a dataset's runs
 into FID, transport distance, mean LPIPS / L2 and accuracy per (purifier, sigma).
 
@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from cpcluster.config_evidence import QualityConfig
-from cpcluster.errors import InputError
-from cpcluster.signals import Terminated
+from cpcluster.core.config_evidence import QualityConfig
+from cpcluster.util.errors import InputError
+from cpcluster.util.signals import Terminated
 
 QUALITY_STREAM = 5  # derive_seed(seed, QUALITY_STREAM, image index): the noise of one image
 RUN_FILE = "run.json"
@@ -53,7 +53,7 @@ class QualityShardJob:
 
 def shard_images(config: QualityConfig, size: int) -> list[np.ndarray]:
     """The dataset indices of every shard: the selected images in ``num_shards`` contiguous, near-equal pieces."""
-    from cpcluster.runs import select_images
+    from cpcluster.sharding.plan import select_images
 
     chosen = select_images(size, config.skip, config.max_images, config.indices)
     if config.num_shards > len(chosen):
@@ -100,7 +100,7 @@ class Models:
 def shard_config(config: QualityConfig, models: Models) -> dict:
     """Everything the measurements depend on, as written into every shard and ``run.json`` (hashed like certify's)."""
     from cpcluster import __version__
-    from cpcluster.fid import check_inception
+    from cpcluster.core.fid import check_inception
     from cpcluster.models.weights import sha256_file
 
     if config.inception_random_weights:
@@ -122,9 +122,9 @@ class Measurer:
     """A run's :class:`Models` on ``device`` with the Inception network (FID) and LPIPS."""
 
     def __init__(self, config: QualityConfig, models: Models, device):
-        from cpcluster import fid
-        from cpcluster.losses import PerceptualLoss, build_lpips
-        from cpcluster.models.purifiers import LabelPolicy
+        from cpcluster.core import fid
+        from cpcluster.core.losses import PerceptualLoss, build_lpips
+        from cpcluster.models.purifier_base import LabelPolicy
 
         self.config, self.device, self.models = config, device, models
         self.dataset, self.denoiser = models.dataset, models.denoiser
@@ -140,7 +140,7 @@ class Measurer:
         """The arrays of ``aggregate/quality_io.py`` for dataset images ``ids``, in batches of ``config.batch``."""
         import torch
 
-        from cpcluster import fid
+        from cpcluster.core import fid
         from cpcluster.models.consistency import pixel_to_model
 
         cfg, out = self.config, {k: [] for k in ("features", "images", "lpips", "l2", "pred")}
@@ -172,7 +172,7 @@ def read_run(run_dir: str) -> dict | None:
     """The run's ``run.json`` (None if absent)."""
     import fsspec
 
-    from cpcluster.shards import join_url
+    from cpcluster.util.fileio import join_url
 
     fs, path = fsspec.core.url_to_fs(join_url(run_dir, RUN_FILE))
     if not fs.exists(path):
@@ -187,8 +187,8 @@ def run_shard(config: QualityConfig, index: int) -> str:
 
     from cpcluster.aggregate.quality_io import shard_bytes, shard_name
     from cpcluster.jobs.certify import resolve_device
-    from cpcluster.shards import config_hash, exists, join_url, write_bytes_atomic
-    from cpcluster.signals import stop_on_sigterm
+    from cpcluster.util.fileio import config_hash, exists, join_url, write_bytes_atomic
+    from cpcluster.util.signals import stop_on_sigterm
 
     url = join_url(config.run_dir, shard_name(index, config.num_shards))
     if exists(url):

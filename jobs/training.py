@@ -29,8 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.signals import Terminated
+from cpcluster.util.errors import InputError
+from cpcluster.util.signals import Terminated
 
 TRAIN_STREAM, NOISE_STREAM, EVAL_STREAM = 0, 1, 2
 DROPOUT_STREAM = 3
@@ -64,7 +64,7 @@ def check_finite_weights(step: int, *modules) -> None:
 
 class TrainingJob:
     """Base of the picklable submitit callables of the fine-tuning jobs: ``__call__`` runs ``self.run(config)`` on
-    every rank between :func:`cpcluster.dist.init` and ``shutdown``; ``checkpoint()`` resubmits the same config (on
+    every rank between :func:`cpcluster.util.dist.init` and ``shutdown``; ``checkpoint()`` resubmits the same config (on
     preemption or timeout: the state comes back from disk, not memory)."""
 
     def __init__(self, config):
@@ -74,7 +74,7 @@ class TrainingJob:
         raise NotImplementedError
 
     def __call__(self) -> dict:
-        from cpcluster import dist
+        from cpcluster.util import dist
 
         dist.init(self.config.device)
         try:
@@ -116,7 +116,7 @@ def step_draws(seed: int, step: int, shape: tuple, num_sigmas: int, rows: slice,
 
     ``shape`` is the global batch's (B, C, H, W). ``z``: standard normal (rows, C, H, W) on the CPU; ``choice``:
     (rows,) index into the run's sigmas; ``labels``: (rows,) labels for a class-conditional purifier (``policy``, a
-    :class:`~cpcluster.models.purifiers.LabelPolicy`) or None. Drawn in this order for all B rows from one
+    :class:`~cpcluster.models.purifier_base.LabelPolicy`) or None. Drawn in this order for all B rows from one
     generator seeded by ``(seed, NOISE_STREAM, step)``, then sliced.
     """
     import torch
@@ -163,7 +163,7 @@ class Trainer:
     """
 
     def __init__(self, config, net, optimizer, name: str):
-        from cpcluster import dist
+        from cpcluster.util import dist
 
         self.cfg, self.net, self.opt, self.name = config, net, optimizer, name
         self.info = dist.info()
@@ -186,8 +186,8 @@ class Trainer:
 
         ``record`` is the config dict written to the run record. Returns True when a checkpoint was loaded.
         """
-        from cpcluster import dist
         from cpcluster.jobs.finetune_io import check_run_record, load_latest, remove_temporaries, write_run_record
+        from cpcluster.util import dist
 
         check_run_record(self.cfg.out, self.run_dict)  # on every rank, so that all of them stop on a mismatch
         if dist.is_main():
@@ -207,10 +207,9 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Rank 0: checkpoint ``step``, rewrite ``metrics.jsonl``, redraw the curves when there are new evaluations."""
-        from cpcluster import dist
-        from cpcluster.jobs.finetune_eval import plot_curves
-        from cpcluster.jobs.finetune_io import save_checkpoint, write_metrics
-        from cpcluster.shards import config_hash, join_url
+        from cpcluster.jobs.finetune_io import plot_curves, save_checkpoint, write_metrics
+        from cpcluster.util import dist
+        from cpcluster.util.fileio import config_hash, join_url
 
         if not dist.is_main():
             return
@@ -249,8 +248,8 @@ class Trainer:
         """
         import torch
 
-        from cpcluster import dist
-        from cpcluster.signals import stop_on_sigterm
+        from cpcluster.util import dist
+        from cpcluster.util.signals import stop_on_sigterm
 
         cfg, info = self.cfg, self.info
         # (sum of losses, steps) since the last log, and a SIGTERM flag
@@ -299,9 +298,9 @@ class Trainer:
             export: Callable[[str, dict], None]) -> dict:
         """Evaluate step 0 (a fresh run), :meth:`loop`, then on rank 0 ``export(final folder, record)`` with the
         record every export carries (run hash, the last evaluation); returns :meth:`summary`."""
-        from cpcluster import dist
         from cpcluster.jobs.finetune_io import write_metrics
-        from cpcluster.shards import config_hash, join_url
+        from cpcluster.util import dist
+        from cpcluster.util.fileio import config_hash, join_url
 
         if not resumed:
             evaluate(0)
@@ -317,7 +316,7 @@ class Trainer:
 
     def summary(self, final: str) -> dict:
         """This rank's result: steps, attempt, weight digests of every rank (all ranks call it), speed."""
-        from cpcluster import dist
+        from cpcluster.util import dist
 
         digests = dist.all_gather_object(digest(self.net))
         dist.barrier()
@@ -334,8 +333,8 @@ def rank_setup(config):
     over the ranks and sharing a CPU node's cores among its ranks (unless ``OMP_NUM_THREADS`` is set)."""
     import torch
 
-    from cpcluster import dist
-    from cpcluster.errors import InputError
+    from cpcluster.util import dist
+    from cpcluster.util.errors import InputError
 
     info = dist.info()
     if config.batch_size % info.world_size:

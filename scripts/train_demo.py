@@ -73,7 +73,7 @@ def _save(path: str, state: dict, metadata: dict) -> str:
     from safetensors.torch import save
 
     from cpcluster.models.weights import sha256_bytes
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     raw = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
                metadata={"cpcluster": json.dumps(metadata, sort_keys=True)})
@@ -135,7 +135,7 @@ def train_classifier(recipe: dict, path: str) -> dict:
 
 def finetune_stage(recipe: dict, stage: str, model: str, work: str, path: str) -> dict:
     """Stages 2 and 3: one :class:`FinetuneJob` run in this process; its exported weights are copied to ``path``."""
-    from cpcluster.config import FinetuneConfig
+    from cpcluster.core.config import FinetuneConfig
     from cpcluster.jobs.finetune import FinetuneJob
     from cpcluster.models.netfolder import WEIGHTS_FILE
     from cpcluster.models.weights import load_state_dict
@@ -161,9 +161,9 @@ def measure(recipe: dict, folder: str) -> dict:
     import numpy as np
     import torch
 
+    from cpcluster.core.losses import PerceptualLoss, build_lpips
     from cpcluster.demo.models import demo_classifier, demo_denoiser, shipped
     from cpcluster.jobs.finetune_eval import EVAL_STREAM, Evaluator, derive_seed
-    from cpcluster.losses import PerceptualLoss, build_lpips
     from cpcluster.models.specs import load_dataset
 
     ev, sigmas = recipe["eval"], recipe["denoiser"]["sigmas"]
@@ -222,7 +222,7 @@ def train_all(recipe: dict, out: str, work: str | None = None) -> dict:
 
     from cpcluster import __version__
     from cpcluster.demo.models import METRICS_FILE, shipped
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     os.makedirs(out, exist_ok=True)
     scratch = work or tempfile.mkdtemp(prefix="cpcluster-train-demo-")

@@ -2,11 +2,11 @@
 
 :func:`split_array` cuts ``n`` array tasks into consecutive ranges of at most ``max_size`` tasks; each range is
 submitted as its own array (task ``t`` of chunk ``c`` is item ``c * max_size + t``). Same contract as
-``cpcluster.slurm.split_array``, which submits the chunks.
+``cpcluster.sharding.arrays.split_array``, which submits the chunks.
 """
 from __future__ import annotations
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize: array indices 0..1000
 

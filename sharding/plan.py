@@ -26,11 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.core.choices import MODES
+from cpcluster.util.errors import InputError
 
 SELECTION = 0
 ESTIMATION = 1
-MODES = ("certify", "predict")
 LAYOUTS = ("contiguous", "interleaved")
 
 

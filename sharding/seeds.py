@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 NOISE_SCHEME = "counter-v2"  # bump when the noise of a (seed, image, stream, batch) changes
 MAX_IMAGE = 2**38
@@ -94,6 +94,13 @@ def check_batching(block_size: int, draw_batch: int) -> None:
         raise InputError(f"--block-size {block_size} is not a multiple of --draw-batch {draw_batch}; a block must "
                          "be a whole number of noise batches (e.g. --block-size "
                          f"{max(draw_batch, block_size - block_size % draw_batch)})")
+
+
+def check_forward_batch(batch: int, draw_batch: int) -> None:
+    """Raise :class:`InputError` unless a forward of ``batch`` draws holds at least one whole noise batch."""
+    if batch < draw_batch:
+        raise InputError(f"--batch {batch} is smaller than --draw-batch {draw_batch}; a forward must hold at least "
+                         "one whole noise batch")
 
 
 def unit_batches(stream: int, block: int, n_draws: int, block_size: int,

@@ -8,7 +8,7 @@ Typical use::
     counts = simulate_counts(units, probs, seed=1)                   # (U, 4) multinomial counts
     paths = write_split(tmp_path, cfg, units, counts, labels, num_files=4, seed=2)
 
-Files are written with :class:`cpcluster.shards.ShardWriter` (the real writer: journal, then atomic finish), or
+Files are written with :class:`cpcluster.core.shard_writer.ShardWriter` (the real writer: journal, then atomic finish), or
 with ``encode_shard`` directly when ``fast=True`` or ``complete=False`` (large benchmarks, unfinished files).
 Images are numbered ``0..M-1`` here so ``probs[image]`` and ``labels[image]`` index by image.
 """
@@ -18,7 +18,9 @@ import os
 
 import numpy as np
 
-from cpcluster.shards import ShardWriter, encode_shard, shard_name, write_bytes_atomic
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import encode_shard, shard_name
+from cpcluster.util.fileio import write_bytes_atomic
 
 
 def make_config(sigma: float = 0.5, *, n0: int = 16, n: int = 64, block_size: int = 32, num_classes: int = 4,

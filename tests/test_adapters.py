@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from cpcluster.errors import InputError
 from cpcluster.models.ddpm import ddpm_betas
 from cpcluster.models.specs import load_classifier, load_denoiser
 from cpcluster.models.transforms import InputTransform, transform_from_options
+from cpcluster.util.errors import InputError
 from unet_files import CM_SCHEDULER, DDPM_SCHEDULER, save_unet, unet_module
 
 torch.set_num_threads(1)

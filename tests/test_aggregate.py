@@ -9,7 +9,7 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint
 
 from cpcluster.aggregate.pipeline import build_outputs, run_aggregate
-from cpcluster.config import AggregateOptions
+from cpcluster.core.config import AggregateOptions
 from synth import class_probs, make_config, plan_units, simulate_counts, write_shard, write_split
 
 M, C = 24, 4

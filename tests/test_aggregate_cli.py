@@ -13,7 +13,7 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import proportion_confint
 
 from cpcluster.cli import main
-from cpcluster.shards import encode_shard
+from cpcluster.core.shards import encode_shard
 from synth import class_probs, make_config, plan_units, simulate_counts, write_shard, write_split
 
 C = 5

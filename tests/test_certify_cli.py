@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 
 SMALL = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "8", "--n0", "20",
          "--n", "200", "--block-size", "100", "--draw-batch", "20", "--batch", "100"]
@@ -148,7 +148,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 def test_auto_executor_says_why_it_runs_locally(monkeypatch):
     import shutil
 
-    from cpcluster.submit import choose_executor
+    from cpcluster.orchestrate.submit import choose_executor
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert choose_executor("auto") == ("local", "auto: no SLURM here (sbatch is not on PATH)")
@@ -200,9 +200,9 @@ def test_slurm_submission_gets_one_array_per_run_and_records_job_ids(tmp_path, m
     """The SLURM path up to sbatch: which shards are submitted, with which options, and what is recorded."""
     import types
 
-    import cpcluster.submit
+    import cpcluster.orchestrate.submit
     from cpcluster.jobs.certify import CertifyShardJob
-    from cpcluster.slurm import read_jobs
+    from cpcluster.orchestrate.slurm_jobs import read_jobs
 
     calls = []
 
@@ -211,7 +211,7 @@ def test_slurm_submission_gets_one_array_per_run_and_records_job_ids(tmp_path, m
         return [types.SimpleNamespace(job_id=f"{100 + len(calls)}_{k}", paths=types.SimpleNamespace(
             folder=tasks[k].folder)) for k in range(len(tasks))]
 
-    monkeypatch.setattr(cpcluster.submit, "submit_slurm", fake_submit)
+    monkeypatch.setattr(cpcluster.orchestrate.submit, "submit_slurm", fake_submit)
     out = str(tmp_path / "s")
     res = certify(*SMALL, "--sigma", "0.25", "--sigma", "0.5", "--shards", "3", "--executor", "slurm",
                   "--partition", "gpu", "--array-parallelism", "2", "--out", out)

@@ -8,10 +8,12 @@ import time
 
 import numpy as np
 
-from cpcluster import runs
-from cpcluster.config import CertifyConfig
+from cpcluster.core import runs
+from cpcluster.orchestrate import rundir
+from cpcluster.core.config import CertifyConfig
+from cpcluster.core.journal import read_journal
+from cpcluster.core.shards import read_shard
 from cpcluster.jobs.certify import CertifyShardJob
-from cpcluster.shards import read_journal, read_shard
 
 KILLS = 6
 
@@ -37,7 +39,7 @@ def _prepare(run_dir):
     """(config, shard URL, journal path, planned units) of a prepared one-shard run folder."""
     cfg = _config(run_dir)
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     url = run.shard_url(0)
     return cfg, url, url + ".journal", [tuple(int(v) for v in u) for u in run.plan.shard_units(0)]
 

@@ -8,11 +8,15 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from cpcluster import runs
-from cpcluster.config import CertifyConfig
-from cpcluster.errors import InputError
+from cpcluster.core import runs
+from cpcluster.orchestrate import rundir
+from cpcluster.sharding.plan import select_images
+from cpcluster.core.config import CertifyConfig
+from cpcluster.core.journal import read_journal
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import read_shard
 from cpcluster.jobs.certify import CertifyShardJob, tune_allocator
-from cpcluster.shards import ShardWriter, read_journal, read_shard
+from cpcluster.util.errors import InputError
 
 
 def config(run_dir, **kw):
@@ -23,7 +27,7 @@ def config(run_dir, **kw):
 
 def prepared(cfg):
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     return run
 
 
@@ -89,11 +93,11 @@ def test_batch_and_threads_do_not_enter_the_run_identity(tmp_path):
 
 
 def test_image_selection_follows_cohen_skip():
-    np.testing.assert_array_equal(runs.select_images(100, skip=20), [0, 20, 40, 60, 80])
-    np.testing.assert_array_equal(runs.select_images(100, skip=20, max_images=2), [0, 20])
-    np.testing.assert_array_equal(runs.select_images(10, skip=2, indices=[9, 1, 4, 7]), [9, 4])
+    np.testing.assert_array_equal(select_images(100, skip=20), [0, 20, 40, 60, 80])
+    np.testing.assert_array_equal(select_images(100, skip=20, max_images=2), [0, 20])
+    np.testing.assert_array_equal(select_images(10, skip=2, indices=[9, 1, 4, 7]), [9, 4])
     with pytest.raises(InputError, match="outside"):
-        runs.select_images(10, indices=[10])
+        select_images(10, indices=[10])
 
 
 def test_allocator_tuning_applies_on_glibc():
@@ -106,7 +110,8 @@ def test_fsspec_run_directory_end_to_end_and_overwrite_clears_scratch_journals(t
     from click.testing import CliRunner
 
     from cpcluster.cli import main
-    from cpcluster.shards import _journal_path, expand_paths
+    from cpcluster.core.journal import journal_path
+    from cpcluster.core.shards import expand_paths
 
     monkeypatch.setenv("CPCLUSTER_SCRATCH", str(tmp_path / "scratch"))
     monkeypatch.chdir(tmp_path)
@@ -124,12 +129,12 @@ def test_fsspec_run_directory_end_to_end_and_overwrite_clears_scratch_journals(t
     w = ShardWriter(run.shard_url(1), config=run.shard_config, shard_info={}, image_index=[2], labels=[0],
                     num_classes=10)
     w.close()
-    journal = _journal_path(run.shard_url(1), None)
+    journal = journal_path(run.shard_url(1), None)
     assert os.path.exists(journal) and journal.startswith(str(tmp_path / "scratch"))
     changed = runs.resolve(dataclasses.replace(cfg, seed=9), runs.load_models(cfg))
     with pytest.raises(InputError, match="different seed"):
-        runs.prepare_run_dir(changed)
+        rundir.prepare_run_dir(changed)
     assert os.path.exists(journal)
-    assert runs.prepare_run_dir(changed, overwrite=True) == "overwrite"
+    assert rundir.prepare_run_dir(changed, overwrite=True) == "overwrite"
     assert not os.path.exists(journal)
     assert CertifyShardJob(dataclasses.replace(cfg, seed=9), 1)() == run.shard_url(1)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.finetuned_classifier import export_finetuned_classifier
 from cpcluster.models.specs import load_classifier
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 PURIFIER = {"kind": "none", "denoiser": None, "sigmas": [0.5]}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cpcluster.models.consistency import ConsistencyFunction, karras_grid, time_for_sigma
-from cpcluster.models.purifiers import LabelPolicy
+from cpcluster.models.purifier_base import LabelPolicy
 from cpcluster.models.specs import load_denoiser
 
 

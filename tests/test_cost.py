@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cpcluster import runs
+from cpcluster.core import runs
+from cpcluster.orchestrate import rundir
 from cpcluster.aggregate.pipeline import run_aggregate
 from cpcluster.cli import main
-from cpcluster.config import AggregateOptions, CertifyConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config import AggregateOptions, CertifyConfig
+from cpcluster.core.journal import read_journal
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import read_shard
 from cpcluster.jobs.certify import CertifyShardJob
-from cpcluster.shards import ShardWriter, read_journal, read_shard
+from cpcluster.util.errors import InputError
 
 
 def _config(run_dir, **kw):
@@ -26,7 +29,7 @@ def _config(run_dir, **kw):
 
 def _certify(cfg):
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     return [read_shard(CertifyShardJob(cfg, k)()) for k in range(cfg.num_shards)]
 
 
@@ -71,7 +74,7 @@ def test_cost_adds_up_across_shards_and_counts_duplicates_once(tmp_path):
 def test_resumed_shard_keeps_the_seconds_of_its_first_session(tmp_path):
     cfg = _config(tmp_path / "r", num_shards=1)
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     first = run.plan.shard_units(0)[0]
     w = ShardWriter(run.shard_url(0), config=run.shard_config, shard_info={}, image_index=run.plan.shard_images(0),
                     labels=run.labels, num_classes=10)

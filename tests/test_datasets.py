@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpcluster.errors import InputError
 from cpcluster.models.specs import load_dataset
+from cpcluster.util.errors import InputError
 
 RNG = np.random.default_rng(0)
 

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.demo.pipeline import FULL, METHODS, QUICK, certify_args, label
+from cpcluster.orchestrate.demo import label
+from cpcluster.orchestrate.demo_plan import FULL, METHODS, QUICK, certify_args
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(quick, tmp_pa
 
 
 def test_overwrite_deletes_only_the_demo_folders_then_runs(tmp_path, monkeypatch):
-    from cpcluster.demo import pipeline
+    from cpcluster.orchestrate import demo as pipeline
 
     root = tmp_path / "quick"
     for sub in ("finetune/final", "certify/none-sigma0.5", "certify/my-own-run", "aggregate"):
@@ -120,7 +121,7 @@ def test_bad_workers_and_help(tmp_path):
 
 def test_presets_are_valid_certify_and_finetune_settings(tmp_path):
     """The full preset's options parse into valid configs (no run): n0/n/blocks/shards, fine-tuning fields."""
-    from cpcluster.demo.pipeline import finetune_config
+    from cpcluster.orchestrate.demo_plan import finetune_config
 
     for plan in (FULL, QUICK):
         cfg = finetune_config(plan, str(tmp_path))
@@ -131,7 +132,7 @@ def test_presets_are_valid_certify_and_finetune_settings(tmp_path):
     assert label("consistency(finetuned:x/final) [DM-FT]") == "after fine-tuning (DM-FT)"
     assert label("none") == "no purifier" and label("consistency(demo) [CLS-FT: finetuned:c]").endswith("(CLS-FT)")
     assert label("consistency(finetuned:x) [DM-FT + CLS-FT: finetuned:b]") == "both (DM-FT + CLS-FT)"
-    from cpcluster.demo.evidence import cls_config
+    from cpcluster.orchestrate.demo_plan import cls_config
 
     for plan in (FULL, QUICK):
         cfg = cls_config(plan, str(tmp_path), "both", "finetuned:x")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cpcluster.demo.models import HERE, METRICS_FILE, WEIGHT_FILES, shipped
-from cpcluster.errors import InputError
 from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

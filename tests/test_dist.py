@@ -1,4 +1,4 @@
-"""cpcluster.dist: single-process defaults, env-var launch, and two gloo ranks under submitit's LocalExecutor."""
+"""cpcluster.util.dist: single-process defaults, env-var launch, and two gloo ranks under submitit's LocalExecutor."""
 import os
 import sys
 import time
@@ -6,7 +6,7 @@ import time
 import cloudpickle
 import pytest
 
-from cpcluster import dist
+from cpcluster.util import dist
 
 LAUNCH_VARS = ("SUBMITIT_EXECUTOR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT")

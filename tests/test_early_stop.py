@@ -8,14 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from cpcluster import runs
+from cpcluster.core import runs
+from cpcluster.orchestrate import rundir
 from cpcluster.aggregate.pipeline import run_aggregate
 from cpcluster.aggregate.skipping import ABSTAIN_CERTAIN, WRONG_CLASS, abstain_certain, image_step
-from cpcluster.config import AggregateOptions, CertifyConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config import AggregateOptions, CertifyConfig
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import encode_shard, read_shard
 from cpcluster.jobs.certify import CertifyShardJob
 from cpcluster.sharding.plan import make_plan
-from cpcluster.shards import ShardWriter, encode_shard, read_shard, write_bytes_atomic
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import write_bytes_atomic
 
 MAX_ALPHA = 0.01
 N, BLOCK = 600, 100
@@ -110,7 +113,7 @@ def _config(run_dir, early_stop=None, shards=1, **kw):
 
 def _certify(cfg):
     run = runs.resolve(cfg, runs.load_models(cfg))
-    runs.prepare_run_dir(run)
+    rundir.prepare_run_dir(run)
     return [read_shard(CertifyShardJob(cfg, k)()) for k in range(run.plan.num_shards)], run
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs import assign_state, build_architecture
 from cpcluster.models.archs.edm_layers import UNetBlock
+from cpcluster.util.errors import InputError
 from edm_files import CASES, load_case
 
 # |ours - EDM's| <= ATOL * max(1, max |EDM's output| of that sample): float32, different summation orders.

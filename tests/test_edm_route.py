@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from edm_files import write_edm_pickle
 from routes import write_cifar_batch
 from test_models_e2e import CLASSIFIER
@@ -39,12 +39,12 @@ def setup(tmp_path_factory):
     assert converted.exit_code == 0, converted.output
     os.remove(pkl)
     common = ["--denoiser", f"net:{root / 'edm-net'}", "--classifier", CLASSIFIER,
-              "--dataset", f"cifar10:{root}", "--purifier-label", "random", "--time", "exact"]
+              "--dataset", f"cifar10:{root}", "--purifier-label", "random", "--time-rule", "exact"]
     return {"root": root, "common": common}
 
 
 @pytest.mark.parametrize("purifier, steps, times", [("onestep-edm", [], None),
-                                                    ("pf-ode", ["--steps", "2"], [1.0, 0.002, 0.0])])
+                                                    ("pf-ode", ["--solver-steps", "2"], [1.0, 0.002, 0.0])])
 def test_inspect_shows_the_edm_purifiers(setup, purifier, steps, times):
     result = cli("inspect", *setup["common"], "--purifier", purifier, *steps, "--sigma", "0.25,0.5", "--json")
     assert result.exit_code == 0, result.output
@@ -56,13 +56,13 @@ def test_inspect_shows_the_edm_purifiers(setup, purifier, steps, times):
     if times:
         assert rows[1]["times"] == pytest.approx(times)
     nearest = cli("inspect", *setup["common"][:-2], "--purifier", purifier, *steps, "--sigma", "0.5")
-    assert nearest.exit_code == 2 and nearest.output.startswith("Error: ") and "--time exact" in nearest.output
+    assert nearest.exit_code == 2 and nearest.output.startswith("Error: ") and "--time-rule exact" in nearest.output
 
 
 def test_certify_and_aggregate_both_rows(setup, tmp_path):
     out = tmp_path / "results"
     weights = setup["root"] / "edm-net" / "model.safetensors"
-    for purifier, steps in (("onestep-edm", []), ("pf-ode", ["--steps", "2"])):
+    for purifier, steps in (("onestep-edm", []), ("pf-ode", ["--solver-steps", "2"])):
         result = cli("certify", *setup["common"], "--purifier", purifier, *steps, "--sigma", "0.5", "--n0", "8",
                      "--n", "16", "--block-size", "8", "--draw-batch", "4", "--batch", "16", "--shards", "2",
                      "--executor", "debug", "--out", out, "--name", f"{purifier}-sigma{{sigma}}")

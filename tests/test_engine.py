@@ -4,9 +4,9 @@ import pytest
 import torch
 from scipy import stats
 
-from cpcluster.engine import CountingEngine, draw_noise, needs_generator
-from cpcluster.errors import InputError
+from cpcluster.core.engine import CountingEngine, draw_noise, needs_generator
 from cpcluster.sharding import balanced_ranges, build_units
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 SHAPE = (1, 4, 4)
@@ -148,7 +148,7 @@ def test_old_seeds_collided_on_the_cpu_and_the_new_states_do_not():
 
 
 def test_cpu_generator_state_layout_is_checked(monkeypatch):
-    from cpcluster import noise
+    from cpcluster.core import noise
 
     noise.check_cpu_layout()
     mine = torch.Generator()
@@ -185,7 +185,8 @@ def test_a_purifier_that_uses_the_generator_is_detected_and_stays_shard_invarian
 
 
 def test_real_models_are_shard_invariant_and_bf16_runs():
-    from cpcluster.models.purifiers import SmoothedBase, build_purifier
+    from cpcluster.models.purifier_base import SmoothedBase
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     ds = load_dataset("demo")

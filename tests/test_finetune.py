@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpcluster.config import FinetuneConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune import FinetuneJob, epoch_order, global_batch, preflight
 from cpcluster.jobs.finetune_eval import derive_seed
 from cpcluster.models.finetuned import export_finetuned
 from cpcluster.models.purifiers import build_purifier
 from cpcluster.models.specs import load_denoiser
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def tiny(folder, **kw):
 
 # ------------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("kw, match", [
-    ({"sigmas": ()}, "--sigmas"), ({"sigmas": (0.5, 0.0)}, "0 is not positive"),
+    ({"sigmas": ()}, "--sigma"), ({"sigmas": (0.5, 0.0)}, "0 is not positive"),
     ({"sigmas": (-0.25,)}, "not positive"), ({"sigmas": (float("nan"),)}, "not positive"),
     ({"batch_size": 10, "ranks_per_node": 4}, "not divisible by the 4 ranks"),
     ({"batch_size": 64, "nodes": 3}, "not divisible by the 3 ranks"),
@@ -130,7 +130,7 @@ def test_fsspec_url_output_and_classifier_accuracy():
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path):
     run = {"a": 1}
-    from cpcluster.shards import config_hash
+    from cpcluster.util.fileio import config_hash
 
     for step in (2, 4):
         finetune_io.save_checkpoint(str(tmp_path), {"step": step, "run": run, "run_hash": config_hash(run)}, 5)

@@ -17,13 +17,14 @@ from test_finetune_ddp import final_state, max_difference
 
 from cpcluster.aggregate.finetuning import finetuning_label
 from cpcluster.aggregate.merge import method_name
-from cpcluster.config_evidence import ClassifierFinetuneConfig
-from cpcluster.errors import InputError
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, learning_rate, preflight, purify
 from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
-from cpcluster.models.purifiers import LabelPolicy, build_purifier
+from cpcluster.models.purifier_base import LabelPolicy
+from cpcluster.models.purifiers import build_purifier
 from cpcluster.models.specs import load_classifier, load_denoiser
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 STEPS = 8
@@ -49,7 +50,7 @@ def reference(tmp_path_factory):
     ({"optimizer": "adam"}, "--optimizer"), ({"schedule": "linear"}, "--schedule"), ({"momentum": 1.0}, "--momentum"),
     ({"lr_gamma": 0.0}, "--lr-gamma"), ({"batchnorm": "off"}, "--batchnorm"), ({"purifier": "magic"}, "--purifier"),
     ({"denoiser": None}, "needs a --denoiser"), ({"batch_size": 10, "ranks_per_node": 4}, "not divisible"),
-    ({"sigmas": ()}, "--sigmas"), ({"warmup_steps": -1}, "--warmup-steps"), ({"weight_decay": -1}, "--weight-decay"),
+    ({"sigmas": ()}, "--sigma"), ({"warmup_steps": -1}, "--warmup-steps"), ({"weight_decay": -1}, "--weight-decay"),
 ])
 def test_config_rejects_bad_values(tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
@@ -101,7 +102,7 @@ def test_run_trains_exports_and_the_export_certifies(tmp_path, reference):
     from click.testing import CliRunner
 
     from cpcluster.cli import main
-    from cpcluster.shards import read_shard
+    from cpcluster.core.shards import read_shard
 
     out, result, state = reference
     assert (result["start_step"], result["step"], result["attempt"]) == (0, STEPS, 1)
@@ -154,7 +155,7 @@ def test_two_ranks_match_one_rank(tmp_path, reference):
     assert losses(two["log"]) == pytest.approx(losses(ref["log"]), rel=1e-4)
 
 
-SCRIPT = ("import json, sys; from cpcluster.config_evidence import ClassifierFinetuneConfig as C; "
+SCRIPT = ("import json, sys; from cpcluster.core.config_evidence import ClassifierFinetuneConfig as C; "
           "from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob as J; J(C(**json.loads(sys.argv[1])))()")
 
 

@@ -6,10 +6,11 @@ import torch
 from click.testing import CliRunner
 from test_finetune_cli import assert_one_line_error
 
-from cpcluster.cli import finetune_cmd, main
+from cpcluster.cli import main
+from cpcluster.orchestrate import slurm
 
 torch.set_num_threads(1)
-TINY = ["--classifier", "demo", "--data", "demo:train", "--eval-data", "demo", "--sigmas", "0.5", "--steps", "2",
+TINY = ["--classifier", "demo", "--data", "demo:train", "--eval-data", "demo", "--sigma", "0.5", "--steps", "2",
         "--batch-size", "8", "--eval-images", "8", "--log-every", "1"]
 
 
@@ -23,7 +24,7 @@ def no_submit(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a job was submitted")
 
-    monkeypatch.setattr(finetune_cmd, "make_executor", refuse)
+    monkeypatch.setattr(slurm, "make_executor", refuse)
     return tmp_path
 
 
@@ -56,7 +57,7 @@ def test_dry_run(no_submit):
 def test_both_dm_ft_then_cls_ft_behind_it(tmp_path):
     """The paper's "both": fine-tune the purifier, then the classifier behind the fine-tuned purifier."""
     dm = tmp_path / "dm"
-    res = CliRunner().invoke(main, ["finetune", "--model", "demo", "--data", "demo:train", "--sigmas", "0.5",
+    res = CliRunner().invoke(main, ["finetune", "--model", "demo", "--data", "demo:train", "--sigma", "0.5",
                                     "--steps", "2", "--batch-size", "8", "--loss", "l2", "--eval-images", "0",
                                     "--executor", "debug", "--out", str(dm)])
     assert res.exit_code == 0, res.output

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.cli import finetune_cmd
-from cpcluster.shards import read_shard
+from cpcluster.orchestrate import slurm
+from cpcluster.core.shards import read_shard
 
 torch.set_num_threads(1)
 TINY = ["--model", "demo-random", "--data", "demo:train", "--eval-data", "demo", "--steps", "2", "--batch-size", "8",
@@ -21,7 +21,7 @@ def no_submit(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a job was submitted")
 
-    monkeypatch.setattr(finetune_cmd, "make_executor", refuse)
+    monkeypatch.setattr(slurm, "make_executor", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return tmp_path
 
@@ -55,10 +55,10 @@ def test_missing_lpips_backbone_is_caught_before_submitting(no_submit):
 
 
 @pytest.mark.parametrize("sigmas, needle", [("", "(empty)"), (",", "(empty)"), ("0.25,0", "0 is not positive"),
-                                            ("-0.5", "-0.5 is not positive"), ("0.5,abc", "comma-separated")])
+                                            ("-0.5", "-0.5 is not positive"), ("0.5,abc", "is not a number")])
 def test_bad_sigma_sets(no_submit, sigmas, needle):
-    code, output = run(*TINY, "--lpips-random-backbone", "--sigmas", sigmas, "--out", str(no_submit / "o"))
-    assert_one_line_error(code, output, "--sigmas", needle)
+    code, output = run(*TINY, "--lpips-random-backbone", "--sigma", sigmas, "--out", str(no_submit / "o"))
+    assert_one_line_error(code, output, "--sigma", needle)
 
 
 @pytest.mark.parametrize("layout, ranks", [(["--ranks-per-node", "3"], 3),

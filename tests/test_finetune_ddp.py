@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from cpcluster.config import FinetuneConfig
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
 from cpcluster.jobs.finetune import FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneJob
 
@@ -77,7 +77,7 @@ def test_two_ranks_match_one_rank_and_each_other(tmp_path, reference):
     assert "2 rank(s) on cpu (gloo)" in (tmp_path / "logs" / f"{job.job_id}_0_log.out").read_text()
 
 
-SCRIPT = ("import json, sys; from cpcluster.config import FinetuneConfig; from cpcluster.jobs.finetune import "
+SCRIPT = ("import json, sys; from cpcluster.core.config import FinetuneConfig; from cpcluster.jobs.finetune import "
           "FinetuneJob; FinetuneJob(FinetuneConfig(**json.loads(sys.argv[1])))()")
 
 

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 from cpcluster.cli import main
 from cpcluster.convert import run_conversion
-from cpcluster.errors import InputError
 from cpcluster.models.consistency import ConsistencyFunction, karras_grid, time_for_sigma
 from cpcluster.models.specs import load_denoiser
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 DATA = os.path.join(os.path.dirname(__file__), "data", "flax_ncsnpp")

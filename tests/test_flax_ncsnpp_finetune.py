@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from cpcluster.core.shards import read_shard
 from cpcluster.models.specs import load_denoiser
-from cpcluster.shards import read_shard
 
 routes = pytest.importorskip("routes", reason="the fine-tuning route helpers (tests/routes.py) are on main")
 

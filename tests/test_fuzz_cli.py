@@ -22,7 +22,8 @@ from synth import make_config, simulate_counts, write_shard
 from unet_files import CM_SCHEDULER, save_unet
 
 from cpcluster.cli import main
-from cpcluster.shards import config_hash, shard_name
+from cpcluster.core.shards import shard_name
+from cpcluster.util.fileio import config_hash
 
 SHARDS = 2
 DEEP = "[" * 5000 + "]" * 5000
@@ -31,9 +32,8 @@ DEEP = "[" * 5000 + "]" * 5000
 # --------------------------------------------------------------------------------------------------- templates
 def make_run(folder: str) -> str:
     """A finished 2-shard certify run folder (run.json + shards) of 4 demo images, written without any model."""
-    from cpcluster.config import CertifyConfig
-    from cpcluster.runs import select_images
-    from cpcluster.sharding.plan import make_plan
+    from cpcluster.core.config import CertifyConfig
+    from cpcluster.sharding.plan import make_plan, select_images
 
     run_dir = os.path.join(folder, "run")
     config = CertifyConfig(sigma=0.5, run_dir=run_dir, num_shards=SHARDS, n0=10, n=40, block_size=20, draw_batch=10,
@@ -366,7 +366,7 @@ CASES = {
     "finetune --lr inf": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out", "{tmp}/ft",
                                  "--lr", "inf", "--dry-run"], "--lr inf"),
     "finetune --sigmas inf": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out",
-                                     "{tmp}/ft", "--sigmas", "0.5,inf", "--dry-run"], "--sigmas"),
+                                     "{tmp}/ft", "--sigma", "0.5,inf", "--dry-run"], "--sigma"),
     "finetune --grad-clip nan": (None, ["finetune", "--model", "demo-random", "--data", "demo:train", "--out",
                                         "{tmp}/ft", "--grad-clip", "nan", "--dry-run"], "--grad-clip"),
 }

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from test_finetune_cli import assert_one_line_error
 
 from cpcluster.cli import main
-from cpcluster.grid import GREEN, RED, compose, make_grid
+from cpcluster.orchestrate.grid import GREEN, RED, compose, make_grid
 
 torch.set_num_threads(1)
 IDS = [0, 7, 21, 40, 55, 63]
@@ -20,7 +20,8 @@ def grid():
 
 def test_noise_is_identical_down_each_column(grid):
     from cpcluster.jobs.quality import image_noise
-    from cpcluster.models.purifiers import LabelPolicy, build_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_denoiser
 
     assert grid["purified"].shape == (2, len(IDS), 1, 16, 16) and list(grid["rows"][2:]) == ["cd", "none"]

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cpcluster.errors import InputError
 from cpcluster.models.hf_vit import build_vit
 from cpcluster.models.hf_vit_layout import hf_layout, timm_state, vit_kwargs
 from cpcluster.models.specs import load_classifier
+from cpcluster.util.errors import InputError
 from hf_vit_files import DATA, copy_folder, pixels, reference
 
 torch.set_num_threads(1)

@@ -106,8 +106,8 @@ def test_inspect_time_rules_and_purifier_none(tmp_path):
     folder = save_unet(str(tmp_path / "nogrid"))
     spec = f"diffusers:{folder}?kind=consistency"
     r = run("--denoiser", spec, "--classifier", "demo-random", "--dataset", "", "--sigma", "0.5")
-    assert r.exit_code == 2 and "--time exact" in r.output
-    r = run("--denoiser", spec, "--classifier", "demo-random", "--dataset", "", "--sigma", "0.5", "--time", "exact",
+    assert r.exit_code == 2 and "--time-rule exact" in r.output
+    r = run("--denoiser", spec, "--classifier", "demo-random", "--dataset", "", "--sigma", "0.5", "--time-rule", "exact",
             "--json")
     assert r.exit_code == 0 and json.loads(r.output)["purifier"]["per_sigma"][0]["t_sigma"] == 1.0
     r = run("--purifier", "none", "--denoiser", "nope:ignored", "--classifier", "demo-random", "--dataset", "demo",

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from test_status import SHARDS, SMALL, make_partial, reference, run_dir, shard_path  # noqa: F401 (fixtures)
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
-from cpcluster.shards import encode_shard, read_shard, write_bytes_atomic
+from cpcluster.core.shards import encode_shard, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import write_bytes_atomic
 
 
 def cli(*args):
@@ -82,7 +83,7 @@ def test_shard_edited_in_place_fails_its_checksum(run_dir):
 
 
 def test_journal_record_with_a_valid_crc_but_bad_counts_is_refused_everywhere(run_dir):
-    from cpcluster.journal import encode_record
+    from cpcluster.core.journal import encode_record
 
     shard, journal = make_partial(run_dir, 0, units=2)
     unit = shard.units[2].tolist()

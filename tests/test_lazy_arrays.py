@@ -5,9 +5,9 @@ import fsspec
 import numpy as np
 import pytest
 
-from cpcluster.errors import InputError
 from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, sha256_rows
 from cpcluster.models.specs import load_dataset
+from cpcluster.util.errors import InputError
 
 RNG = np.random.default_rng(7)
 

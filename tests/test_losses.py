@@ -1,4 +1,4 @@
-"""cpcluster.losses: the LPIPS wrapper, the L1/L2 ablations, and the backbone-cache check (no downloads)."""
+"""cpcluster.core.losses: the LPIPS wrapper, the L1/L2 ablations, and the backbone-cache check (no downloads)."""
 import os
 import socket
 import urllib.request
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cpcluster.errors import InputError
-from cpcluster.losses import (BACKBONE_FILES, PerceptualLoss, PixelLoss, backbone_path, build_loss, build_lpips,
-                              check_backbone)
+from cpcluster.core.losses import (BACKBONE_FILES, PerceptualLoss, PixelLoss, backbone_path, build_loss, build_lpips,
+                                   check_backbone)
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 

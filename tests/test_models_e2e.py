@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from routes import write_cifar_batch
 from unet_files import DDPM_SCHEDULER, save_unet
 

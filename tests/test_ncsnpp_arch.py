@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.signal import convolve2d
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs import build_architecture
 from cpcluster.models.archs.ncsnpp_layers import FirDownConv, GroupNorm, fir_downsample, fir_upsample
+from cpcluster.util.errors import InputError
 
 SMALL = {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "image_size": 16}
 TAPS = (1, 3, 3, 1)

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.netfolder import META_FILE, WEIGHTS_FILE, encode_network, write_network_folder
 from cpcluster.models.specs import load_denoiser
+from cpcluster.util.errors import InputError
 from unet_files import CM_SCHEDULER, save_unet
 
 

@@ -19,7 +19,7 @@ from cpcluster.models.archs import build_architecture
 from cpcluster.models.consistency import C_NOISE, ConsistencyFunction
 from cpcluster.models.ddpm import OneStepDDPMPurifier
 from cpcluster.models.pfode import DDPMDenoiser, EDMDenoiser, PFODEPurifier, edm_scalings
-from cpcluster.models.purifiers import ConsistencyPurifier, LabelPolicy
+from cpcluster.models.purifier_base import ConsistencyPurifier, LabelPolicy
 from cpcluster.models.weights import load_state_dict
 from openai_unet_files import STANDINS, convert_standin, preset_layouts, reference, write_pt
 
@@ -171,7 +171,7 @@ SMALL_CONFIG = dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, at
     (dict(model_channels=4096, channel_mult=[2] * 8, num_res_blocks=32), "parameters (limit"),
 ])
 def test_config_is_checked_before_anything_is_built(change, message):
-    from cpcluster.errors import InputError
+    from cpcluster.util.errors import InputError
 
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         build_architecture("openai-unet", {**SMALL_CONFIG, **change}, "test")

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from openai_unet_files import set_args, write_pt
 from routes import write_cifar_batch
 
@@ -34,7 +34,7 @@ def cifar(tmp_path_factory):
 
 @pytest.mark.parametrize("name, purifier, extra, shown", [
     ("id_uncond", "onestep-ddpm", [], "timestep: 1984"),  # cosine T=4000: first t with sqrt((1-abar)/abar) >= 1
-    ("cm", "pf-ode", ["--time", "exact", "--steps", "2"], "times: [1, 0.002, 0]"),
+    ("cm", "pf-ode", ["--time-rule", "exact", "--solver-steps", "2"], "times: [1, 0.002, 0]"),
 ])
 def test_upstream_file_converts_inspects_certifies_and_aggregates(tmp_path, cifar, name, purifier, extra, shown):
     net = tmp_path / "net"

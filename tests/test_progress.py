@@ -1,7 +1,7 @@
 """Progress bars: a log file gets a handful of lines, not one per poll."""
 import io
 
-from cpcluster.progress import LOG_INTERVAL_S, advance_to, progress_bar
+from cpcluster.util.progress import LOG_INTERVAL_S, advance_to, progress_bar
 
 
 class FakeTerminal(io.StringIO):

@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.consistency import ConsistencyFunction
 from cpcluster.models.ddpm import alphas_cumprod, ddpm_betas, onestep_timestep
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, LabelPolicy, SmoothedBase, build_purifier
+from cpcluster.models.purifier_base import LabelPolicy, SmoothedBase
+from cpcluster.models.purifiers import PURIFIERS, build_purifier
 from cpcluster.models.specs import load_denoiser
+from cpcluster.util.errors import InputError
 from unet_files import CM_SCHEDULER, DDPM_SCHEDULER, save_unet, unet_module
 
 torch.set_num_threads(1)
@@ -217,7 +218,7 @@ def test_network_evaluations_per_image_are_what_the_purifiers_report():
 
 def test_pf_ode_refuses_bad_inputs(folders):
     edm = LoadedDenoiser(GaussianDenoiser(0, 1, True), "edm", {"c_noise": "edm", "num_classes": None}, spec="x")
-    with pytest.raises(InputError, match="--time exact"):
+    with pytest.raises(InputError, match="--time-rule exact"):
         build_purifier("pf-ode", edm, 0.5)  # continuous-time network, no grid for "nearest"
     with pytest.raises(InputError, match="steps"):
         build_purifier("pf-ode", edm, 0.5, steps=0, time_rule="exact")

@@ -104,7 +104,8 @@ def test_missing_inception_weights_stop_before_anything_runs(tmp_path, monkeypat
 
 def test_quality_runs_share_the_noise_and_report(tmp_path):
     from cpcluster.jobs.quality import image_noise
-    from cpcluster.models.purifiers import LabelPolicy, build_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.specs import load_dataset, load_denoiser
 
     out = tmp_path / "q"

@@ -1,12 +1,12 @@
 """FID and the transport distance (numpy, aggregate/quality.py) against independent references, and the Inception
-feature extractor (cpcluster/fid.py) on a random-weight stand-in saved in the released file format."""
+feature extractor (cpcluster/core/fid.py) on a random-weight stand-in saved in the released file format."""
 import numpy as np
 import pytest
 import torch
 
-from cpcluster import fid as fidmod
 from cpcluster.aggregate.quality import fid, transport_w2
-from cpcluster.errors import InputError
+from cpcluster.core import fid as fidmod
+from cpcluster.util.errors import InputError
 
 torch.set_num_threads(1)
 

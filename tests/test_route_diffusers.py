@@ -60,7 +60,7 @@ def test_finetune_export_certify_aggregate(folders, tmp_path, which, options):
     (group,) = summary["groups"]
     assert group["images_evaluated"] == 3 and group["sigma"] == 0.5
     shard = next(p for p in os.listdir(tmp_path / "results" / "tuned") if p.endswith(".h5"))
-    from cpcluster.shards import read_shard
+    from cpcluster.core.shards import read_shard
 
     config = read_shard(str(tmp_path / "results" / "tuned" / shard)).config
     assert config["purifier"]["label_policy"] == ("random" if conditional else None)
@@ -68,9 +68,9 @@ def test_finetune_export_certify_aggregate(folders, tmp_path, which, options):
 
 
 def test_finetune_accepts_spec_options_and_checks_the_path(tmp_path, folders):
-    from cpcluster.config import FinetuneConfig
-    from cpcluster.errors import InputError
+    from cpcluster.core.config import FinetuneConfig
     from cpcluster.jobs.finetune import preflight
+    from cpcluster.util.errors import InputError
 
     def config(model, data="demo:train"):
         return FinetuneConfig(model=model, data=data, out=str(tmp_path / "o"), lpips_random_backbone=True,
@@ -82,8 +82,8 @@ def test_finetune_accepts_spec_options_and_checks_the_path(tmp_path, folders):
 
 
 def test_frozen_loaders_are_made_trainable_and_torchscript_is_refused(folders, tmp_path):
-    from cpcluster.errors import InputError
     from cpcluster.jobs.finetune import trainable
+    from cpcluster.util.errors import InputError
 
     den = load_denoiser(f"diffusers:{folders['plain']}")
     assert not any(p.requires_grad for p in den.module.parameters()) and not den.module.training

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
+from cpcluster.core.shards import read_shard
 from hf_vit_files import DATA, copy_folder
 from routes import certify_and_aggregate, cli, write_cifar_batch
 from unet_files import CM_SCHEDULER, save_unet

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpcluster.errors import InputError
 from cpcluster.sharding import (ESTIMATION, SELECTION, BatchStates, balanced_ranges, build_units, check_batching,
                                 make_plan, split_array, unit_batches)
+from cpcluster.util.errors import InputError
 
 
 def _units_by_loops(images, n0, n, block_size, mode):

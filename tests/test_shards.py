@@ -5,8 +5,11 @@ import h5py
 import numpy as np
 import pytest
 
-from cpcluster.errors import InputError
-from cpcluster.shards import ShardWriter, config_hash, expand_paths, read_shard, read_journal
+from cpcluster.core.journal import read_journal
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import expand_paths, read_shard
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import config_hash
 
 CFG = {"sigma": 0.5, "num_classes": 3, "n0": 10, "n": 20}
 

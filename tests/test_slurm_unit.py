@@ -1,6 +1,5 @@
-"""cpcluster.slurm without a cluster: array splitting, options -> submitit parameters, the rendered sbatch script
+"""cpcluster.orchestrate.slurm without a cluster: array splitting, options -> submitit parameters, the rendered sbatch script
 (golden file), the USR2 forwarding shell code, refused submissions (fake sbatch), and the job record file."""
-import json
 import math
 import multiprocessing
 import os
@@ -13,12 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpcluster import slurm
-from cpcluster.errors import InputError
-from cpcluster.slurm import (FORWARD_USR2_SETUP, SlurmOptions, cluster_max_array_size, executor_parameters,
-                             make_executor, parse_max_array_size, parse_sbatch_options, read_jobs, record_jobs,
-                             split_array, submit_array)
-from cpcluster.slurm_dryrun import render_sbatch
+from cpcluster.orchestrate.slurm import (FORWARD_USR2_SETUP, SlurmOptions, executor_parameters, make_executor,
+                                         parse_sbatch_options)
+from cpcluster.orchestrate.slurm_arrays import cluster_max_array_size, parse_max_array_size, submit_array
+from cpcluster.orchestrate.slurm_dryrun import render_sbatch
+from cpcluster.orchestrate.slurm_jobs import read_jobs, record_jobs
+from cpcluster.sharding.arrays import split_array
+from cpcluster.util.errors import InputError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sbatch-array-split.txt")
 SEPARATOR = "\n##### next sbatch script #####\n"
@@ -311,4 +311,3 @@ def test_job_records_on_fsspec_url_and_damaged_file():
         fh.write(b"{not json\n")
     with pytest.raises(InputError, match="line 2"):
         read_jobs(run)
-    json.dumps(slurm.__all__)  # the public names are plain strings

@@ -1,4 +1,4 @@
-"""cpcluster.status and cpcluster.slurm_jobs without a cluster: shard states from real run folders (files,
+"""cpcluster.orchestrate.status and cpcluster.orchestrate.slurm_jobs without a cluster: shard states from real run folders (files,
 journals, locks), SLURM's view from a fake squeue/sacct on PATH, the state table, speed and ETA."""
 import json
 import os
@@ -11,12 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
-from cpcluster.shards import ShardWriter, read_shard, shard_name
-from cpcluster.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
-                                  record_jobs)
-from cpcluster.status import RESUBMITTABLE, STATES, ShardFiles, collect, decide, load_run, resubmittable
-from cpcluster.status_report import format_duration, format_status
+from cpcluster.core.shard_writer import ShardWriter
+from cpcluster.core.shards import read_shard, shard_name
+from cpcluster.orchestrate.shard_files import ShardFiles
+from cpcluster.orchestrate.slurm_jobs import (JobState, expand_job_id, parse_sacct, parse_squeue, query_job_states,
+                                              record_jobs)
+from cpcluster.orchestrate.status import RESUBMITTABLE, STATES, collect, decide, load_run, resubmittable
+from cpcluster.orchestrate.status_report import format_duration, format_status
+from cpcluster.util.errors import InputError
 
 SMALL = ["--denoiser", "demo-random", "--classifier", "demo-random", "--max-images", "5", "--n0", "20",
          "--n", "200", "--block-size", "100", "--draw-batch", "20", "--batch", "100", "--device", "cpu"]
@@ -219,7 +221,7 @@ def test_a_running_shard_writes_its_session_into_the_lock_file(tmp_path):
 
 
 def read_journal_header(path):
-    from cpcluster.shards import read_journal
+    from cpcluster.core.journal import read_journal
 
     return json.dumps(read_journal(path).header)
 
@@ -399,7 +401,7 @@ def test_format_duration():
 
 
 def test_large_runs_list_only_their_unfinished_shards_unless_all():
-    from cpcluster.status import RunStatus, ShardStatus
+    from cpcluster.orchestrate.status import RunStatus, ShardStatus
 
     rows = tuple(ShardStatus(k, "complete" if k != 41 else "running", 2 if k != 41 else 1, 2, 200 if k != 41 else 50,
                              200, 100.0, f"7_{k}", None, "") for k in range(48))

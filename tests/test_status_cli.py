@@ -10,8 +10,8 @@ from test_status import (SHARDS, SMALL, SlurmJob, fake_slurm, lock_holder, make_
                          record, reference, run_dir, shard_path)
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard
-from cpcluster.slurm_jobs import record_jobs
+from cpcluster.core.shards import read_shard
+from cpcluster.orchestrate.slurm_jobs import record_jobs
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "certify-dry-run-sbatch.txt")
 
@@ -77,7 +77,7 @@ def test_resubmit_completes_missing_and_partial_shards_with_identical_counts(run
 
 
 def test_resubmit_to_slurm_sends_only_dead_shards_and_records_them(run_dir, fake_slurm, monkeypatch):
-    import cpcluster.submit
+    import cpcluster.orchestrate.submit
 
     calls = []
 
@@ -85,7 +85,7 @@ def test_resubmit_to_slurm_sends_only_dead_shards_and_records_them(run_dir, fake
         calls.append(([t.fn.shard_index for t in tasks], options))
         return [SlurmJob(f"{600 + len(calls)}_{k}", t.folder) for k, t in enumerate(tasks)]
 
-    monkeypatch.setattr(cpcluster.submit, "submit_slurm", fake_submit)
+    monkeypatch.setattr(cpcluster.orchestrate.submit, "submit_slurm", fake_submit)
     for k in (1, 2, 3, 4):
         os.remove(shard_path(run_dir, k))
     submitted = {"partition": "gpu", "account": None, "time_min": 30, "array_parallelism": 2,
@@ -144,9 +144,9 @@ def test_resubmit_refuses_unreadable_or_outdated_run_records(run_dir, damage, me
 
 # ------------------------------------------------------------------------------------- certify --dry-run
 def test_certify_slurm_dry_run_prints_the_sbatch_scripts(tmp_path, monkeypatch):
-    import cpcluster.slurm
+    import cpcluster.orchestrate.slurm_arrays
 
-    monkeypatch.setattr(cpcluster.slurm, "cluster_max_array_size", lambda timeout_s=20.0: 5)
+    monkeypatch.setattr(cpcluster.orchestrate.slurm_arrays, "cluster_max_array_size", lambda timeout_s=20.0: 5)
     out = tmp_path / "d"
     res = cli("certify", *SMALL, "--sigma", "0.5", "--shards", "7", "--executor", "slurm", "--dry-run",
               "--partition", "gpu", "--account", "proj42", "--time-min", "30", "--array-parallelism", "4",

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.errors import InputError
 from cpcluster.models.specs import load_dataset, load_denoiser
+from cpcluster.util.errors import InputError
 
 SMALL = ["--denoiser", "demo-random", "--max-images", "4", "--n0", "20", "--n", "100", "--block-size", "50",
          "--draw-batch", "50", "--batch", "100", "--device", "cpu"]
@@ -181,7 +181,8 @@ def test_device_files_and_fifos_are_refused_as_configs_weights_and_images(tmp_pa
 
 
 def test_fifos_and_devices_named_like_shards_or_journals_are_refused(tmp_path):
-    from cpcluster.shards import read_journal, read_shard
+    from cpcluster.core.journal import read_journal
+    from cpcluster.core.shards import read_shard
 
     os.mkfifo(tmp_path / "shard-00000-of-00001.h5")
     err = run_with_timeout(lambda: read_shard(str(tmp_path / "shard-00000-of-00001.h5")))

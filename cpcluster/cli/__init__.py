@@ -1,7 +1,8 @@
 """The ``cpcluster`` command: one Click group; each subcommand lives in its own module, imported on demand.
 
 Lazy loading keeps ``cpcluster --help`` and ``cpcluster aggregate`` free of torch imports. Every
-:class:`cpcluster.errors.InputError` raised below a command becomes ``Error: <one line>`` and exit code 2.
+:class:`cpcluster.util.errors.InputError` raised below a command becomes ``Error: <one line>`` and exit code 2, every
+:class:`~cpcluster.util.errors.RunError` (a job failed or was stopped) ``Error: <one line>`` and exit code 1.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 import click
 
 from cpcluster import __version__
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError, RunError
 
 # Explicit registry: command name -> "module:attribute".
 COMMANDS = {
@@ -63,6 +64,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except InputError as e:
             raise UsageFailure(str(e)) from None
+        except RunError as e:
+            raise click.ClickException(str(e)) from None
         except click.UsageError as e:
             if isinstance(e, OneLineUsageError):
                 raise

@@ -9,8 +9,9 @@ import math
 
 import click
 
-from cpcluster.config import AGGREGATE_FORMATS, DEFAULT_RADII, AggregateOptions
-from cpcluster.errors import InputError
+from cpcluster.core.choices import AGGREGATE_FORMATS
+from cpcluster.core.config import DEFAULT_RADII, AggregateOptions
+from cpcluster.util.errors import InputError
 
 
 def parse_alpha(text: str) -> float:

@@ -1,4 +1,4 @@
-"""``cpcluster demo``: thin Click wrapper around :func:`cpcluster.demo.pipeline.run_demo` (what ``make demo`` runs)."""
+"""``cpcluster demo``: thin Click wrapper around :func:`cpcluster.orchestrate.demo.run_demo` (``make demo``)."""
 from __future__ import annotations
 
 import os
@@ -27,7 +27,8 @@ def demo(out, quick, workers, overwrite):
       cpcluster demo
       cpcluster demo --quick --out /tmp/demo
     """
-    from cpcluster.demo.pipeline import PRESETS, run_demo, story_lines
+    from cpcluster.orchestrate.demo import run_demo, story_lines
+    from cpcluster.orchestrate.demo_plan import PRESETS
 
     plan = PRESETS["quick" if quick else "full"]
 

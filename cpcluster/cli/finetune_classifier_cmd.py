@@ -1,7 +1,7 @@
 """``cpcluster finetune-classifier``: CLS-FT as a DDP job (parse, validate, pre-submit checks, submit).
 
 A command of its own rather than ``cpcluster finetune --target classifier``: the two jobs share their layout and
-submission options (:func:`cpcluster.cli.finetune_cmd.job_options`) but not their training options (a classifier
+submission options (:func:`cpcluster.cli.options.job_options`) but not their training options (a classifier
 run has an optimizer, a schedule, a BatchNorm mode and a frozen purifier; a purifier run has LPIPS), so one command
 per target keeps every option in ``--help`` meaningful for the run it starts.
 """
@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.finetune_cmd import SUBMIT_KEYS, job_options, layout, parse_sigmas, submit_job
-from cpcluster.config_evidence import BATCHNORM_MODES, OPTIMIZERS, PURIFIER_KINDS, SCHEDULES, ClassifierFinetuneConfig
+from cpcluster.cli.finetune_cmd import _warn
+from cpcluster.cli.options import job_options, sigma_option, solver_steps_option, time_rule_option
+from cpcluster.core.choices import BATCHNORM_MODES, OPTIMIZERS, SCHEDULES
+from cpcluster.core.config_evidence import ClassifierFinetuneConfig
+from cpcluster.models.purifiers import PURIFIER_NAMES
 
 
 @click.command("finetune-classifier", context_settings={"show_default": True, "max_content_width": 110})
 @click.option("--classifier", required=True, help="Classifier spec to start from, e.g. demo or timm:...")
 @click.option("--denoiser", default=None, help="Denoiser of the frozen purifier [default: demo]; finetuned:DIR for "
                                                "'both' (DM-FT, then CLS-FT behind it).")
-@click.option("--purifier", type=click.Choice(PURIFIER_KINDS), default="consistency", help="The frozen purifier.")
-@click.option("--purifier-steps", default=None, type=int, help="Solver steps (pf-ode).")
+@click.option("--purifier", type=click.Choice(PURIFIER_NAMES), default="consistency", help="The frozen purifier.")
+@solver_steps_option("--purifier-steps", dest="purifier_steps")
 @click.option("--data", required=True, help="Training images, a dataset spec, e.g. demo:train.")
 @click.option("--eval-data", default=None, help="Held-out images (default: the last --eval-images of --data).")
 @click.option("--out", required=True, help="Output folder or fsspec URL: checkpoints/, metrics.jsonl, final/.")
-@click.option("--sigmas", default="0.25,0.5,1.0", help="Pixel-space smoothing levels (one drawn per image).")
+@sigma_option("--sigmas", default=("0.25,0.5,1.0",), help="Pixel-space smoothing levels (one drawn per image).")
 @click.option("--steps", default=2000, type=int, help="Optimizer steps.")
 @click.option("--batch-size", default=64, type=int, help="Global batch, split evenly across all ranks.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd")
@@ -38,7 +41,7 @@ from cpcluster.config_evidence import BATCHNORM_MODES, OPTIMIZERS, PURIFIER_KIND
 @click.option("--grad-clip", default=0.0, type=float, help="Max gradient norm (0: off).")
 @click.option("--batchnorm", type=click.Choice(BATCHNORM_MODES), default="train",
               help="BatchNorm layers: per-rank statistics, frozen running statistics, or SyncBatchNorm (CUDA).")
-@click.option("--time-rule", type=click.Choice(["nearest", "exact"]), default="nearest", help="t_sigma rule.")
+@time_rule_option
 @click.option("--purifier-label", default="random", help="Labels a class-conditional purifier sees: random or fixed:K.")
 @click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
 @click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")
@@ -47,29 +50,28 @@ from cpcluster.config_evidence import BATCHNORM_MODES, OPTIMIZERS, PURIFIER_KIND
 @click.option("--log-every", default=10, type=int)
 @click.option("--seed", default=0, type=int, help="Data order and noise.")
 @job_options
-def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, denoiser, purifier, **options):
+def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, submit, denoiser, purifier, **options):
     """Fine-tune a classifier on purified noisy images, the purifier frozen (CLS-FT; multi-node DDP via submitit).
 
-    Cross-entropy of classifier(purify(x + noise)) at the --sigmas, with the purifier that certification uses.
+    Cross-entropy of classifier(purify(x + noise)) at the --sigma levels, with the purifier that certification uses.
     Fine-tune the purifier first (`cpcluster finetune`) and pass --denoiser finetuned:<that out>/final for "both".
 
     \b
     Examples:
       cpcluster finetune-classifier --classifier demo --denoiser demo --data demo:train --eval-data demo \\
-          --sigmas 0.5 --steps 100 --batch-size 32 --lr 1e-3 --executor local --out runs/cls-ft --wait
+          --sigma 0.5 --steps 100 --batch-size 32 --lr 1e-3 --executor local --out runs/cls-ft --wait
       cpcluster finetune-classifier --nodes 2 --gpus-per-node 4 --classifier "$CLF" \\
           --denoiser finetuned:/shared/runs/ft-cifar10/final --data 'cifar10:/data/cifar-10-batches-py?split=train' \\
           --optimizer sgd --lr 0.01 --schedule cosine --warmup-steps 500 --out /shared/runs/both --executor slurm
     The result, <out>/final, certifies with `cpcluster certify --classifier finetuned:<out>/final`.
     """
-    submit = {k: options.pop(k) for k in SUBMIT_KEYS}
+    from cpcluster.orchestrate.finetune import layout, submit_training, training_job
+
     ranks, device, options["out"] = layout(gpus_per_node, ranks_per_node, options["out"])
     if denoiser is None and purifier != "none":
         denoiser = "demo"
-    config = ClassifierFinetuneConfig(sigmas=parse_sigmas(sigmas), ranks_per_node=ranks, device=device,
+    config = ClassifierFinetuneConfig(sigmas=sigmas, ranks_per_node=ranks, device=device,
                                       denoiser=denoiser, purifier=purifier, **options)
-    from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob, preflight
-
-    preflight(config)
-    submit_job(ClassifierFinetuneJob(config), config, submit, gpus_per_node,
-               "`cpcluster certify --classifier finetuned:{final}`", "cpcluster-finetune-classifier")
+    submit_training(training_job(config), config, submit, gpus_per_node,
+                    "`cpcluster certify --classifier finetuned:{final}`", "cpcluster-finetune-classifier",
+                    echo=click.echo, warn=_warn)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.certify_cmd import parse_indices
-from cpcluster.cli.quality_cmd import parse_purifier
+from cpcluster.cli.options import CONTEXT, solver_steps_option, time_rule_option
+from cpcluster.core.choices import DEVICES
+from cpcluster.core.config import parse_indices
 
 
-@click.command("grid", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command("grid", context_settings=CONTEXT)
 @click.option("--purifier", "purifiers", multiple=True, metavar="[NAME=]KIND[:DENOISER]",
               help="A purifier row, e.g. consistency:demo or ft=consistency:finetuned:runs/ft/final; repeat.")
 @click.option("--sigma", type=float, required=True, help="Pixel-space noise level.")
@@ -15,12 +16,12 @@ from cpcluster.cli.quality_cmd import parse_purifier
 @click.option("--dataset", default="demo", show_default=True, metavar="SPEC")
 @click.option("--classifier", default="demo", show_default=True, metavar="SPEC", help="Decides the frame colours.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (as in `cpcluster quality`).")
-@click.option("--time", "time_rule", type=click.Choice(["nearest", "exact"]), default="nearest", show_default=True)
+@time_rule_option
 @click.option("--purifier-label", default="random", show_default=True,
               help="Labels a class-conditional purifier sees: random or fixed:K (never the true label).")
-@click.option("--purifier-steps", type=int, default=None, help="Solver steps (pf-ode).")
+@solver_steps_option("--purifier-steps", dest="purifier_steps")
 @click.option("--scale", type=click.IntRange(1, 32), default=4, show_default=True, help="Pixels per image pixel.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice([d for d in DEVICES if d != "auto"]), default="cpu", show_default=True)
 @click.option("--out", default="grid.png", show_default=True, metavar="FILE.png", help="The arrays go beside it.")
 def grid(purifiers, sigma, indices, dataset, classifier, seed, time_rule, purifier_label, purifier_steps, scale,
          device, out):
@@ -33,13 +34,7 @@ def grid(purifiers, sigma, indices, dataset, classifier, seed, time_rule, purifi
       cpcluster grid --dataset cifar10:/data/cifar-10-batches-py --classifier "$CLF" --sigma 0.5 \\
           --purifier cd=consistency:diffusers:/ckpt/cd --purifier ft=consistency:finetuned:/runs/ft/final
     """
-    from cpcluster.grid import make_grid, write_grid
+    from cpcluster.orchestrate.grid import draw_grid
 
-    rows = [parse_purifier(p) for p in purifiers]
-    arrays = make_grid(dataset, classifier, rows, sigma, parse_indices(indices), seed, time_rule, purifier_label,
-                       purifier_steps, device)
-    png, npz = write_grid(arrays, out, scale)
-    right = arrays["correct"].sum(axis=1)
-    for name, k in zip(arrays["rows"], right):
-        click.echo(f"{name}: classifier right on {k} of {arrays['correct'].shape[1]}")
-    click.echo(f"wrote {png} and {npz}")
+    draw_grid(purifiers, sigma, parse_indices(indices), out, dataset, classifier, seed, time_rule, purifier_label,
+              purifier_steps, device, scale, echo=click.echo)

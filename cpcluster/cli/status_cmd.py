@@ -1,8 +1,8 @@
 """``cpcluster status`` and ``cpcluster resubmit``: where certify runs stand, and rerunning their dead shards.
 
-Both read a run folder's ``run.json``, shard files, journals and job records (:mod:`cpcluster.status`), and ask
-SLURM about the recorded jobs when it is reachable. ``resubmit`` then hands the failed, missing and partial shards
-to the same path ``cpcluster certify`` uses (:func:`cpcluster.cli.certify_cmd.execute`), which records the new jobs.
+Both read a run folder's ``run.json``, shard files, journals and job records
+(:func:`cpcluster.orchestrate.status.collect`), and ask SLURM about the recorded jobs when it is reachable;
+``resubmit`` is :func:`cpcluster.orchestrate.resubmit.resubmit_runs`.
 """
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import json
 
 import click
 
-from cpcluster.errors import InputError
-from cpcluster.submit import EXECUTORS
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+from cpcluster.cli.options import CONTEXT
+from cpcluster.core.choices import EXECUTORS
 
 
 @click.command(context_settings=CONTEXT)
@@ -35,8 +33,8 @@ def status(run_dirs, all_shards, no_slurm, as_json):
       cpcluster status results/certify-consistency-sigma0.5
       cpcluster status results/*/ --no-slurm --json
     """
-    from cpcluster.status import collect
-    from cpcluster.status_report import format_status
+    from cpcluster.orchestrate.status import collect
+    from cpcluster.orchestrate.status_report import format_status
 
     runs = collect(list(run_dirs), use_slurm=not no_slurm)
     for i, run in enumerate(runs):
@@ -82,93 +80,9 @@ def resubmit(run_dirs, executor, workers, partition, account, time_min, array_pa
       cpcluster resubmit results/certify-consistency-sigma0.5 --partition long --time-min 600
       cpcluster resubmit results/certify-consistency-sigma0.5 --executor local --dry-run
     """
-    from cpcluster.status import collect, resubmittable
-    from cpcluster.submit import choose_executor
+    from cpcluster.orchestrate.resubmit import resubmit_runs
 
-    statuses = collect(list(run_dirs))
-    unreachable = [s.run_dir for s in statuses if s.slurm == "unreachable"]
-    if unreachable:
-        raise InputError(f"{unreachable[0]}: its shards went to SLURM, which does not answer from here, so running "
-                         "jobs cannot be told from dead ones; run resubmit where squeue works")
-    todo = {s.run_dir: resubmittable(s) for s in statuses}
-    given = {"--denoiser": denoiser, "--classifier": classifier}
-    resolved = [_resolve(run_dir, given) for run_dir in todo if todo[run_dir]]  # refuses outdated records first
-    for s in statuses:
-        others = ", ".join(f"{s.count(st)} {st}" for st in ("complete", "running", "pending") if s.count(st))
-        click.echo(f"{s.run_dir}: {len(todo[s.run_dir])} shard(s) to rerun"
-                   + (f" ({_ranges(todo[s.run_dir])})" if todo[s.run_dir] else "") + (f"; {others}" if others else ""))
-    if not any(todo.values()):
-        click.echo("nothing to resubmit")
-        return
-    if dry_run:
-        click.echo("dry run: nothing submitted")
-        return
-    kind, reason = choose_executor(executor)
-    slurm = _slurm_settings([r.config.run_dir for r in resolved], partition=partition, account=account,
-                            time_min=time_min, array_parallelism=array_parallelism, sbatch_extra=sbatch_extra)
-    from cpcluster.cli.certify_cmd import execute
-
-    execute(resolved, kind, reason, overwrite=False, workers=workers, slurm=slurm,
-            only={run_dir: set(shards) for run_dir, shards in todo.items()})
-
-
-def _ranges(indices) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    out, start = [], None
-    for i, k in enumerate(indices):
-        if start is None:
-            start = k
-        if i + 1 == len(indices) or indices[i + 1] != k + 1:
-            out.append(str(start) if start == k else f"{start}-{k}")
-            start = None
-    return ", ".join(out)
-
-
-def _resolve(run_dir: str, given: dict):
-    """The run of ``run_dir`` rebuilt from its ``run.json`` (models loaded); refused when it no longer matches.
-
-    ``given``: the specs typed on the command line, which must confirm any recorded spec that runs code
-    (:func:`cpcluster.models.specs.confirm_recorded_specs`), checked before anything is loaded.
-    """
-    from cpcluster import runs
-    from cpcluster.config import CertifyConfig
-    from cpcluster.models.specs import confirm_recorded_specs
-
-    record = runs.read_run(run_dir)
-    if record is None:
-        raise InputError(f"{run_dir}: no run.json; not a certify run folder")
-    try:
-        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
-    except (KeyError, TypeError, ValueError, InputError) as e:
-        raise InputError(f"{run_dir}/run.json: its certify config cannot be read ({e}); rerun `cpcluster certify` "
-                         "with --overwrite") from None
-    confirm_recorded_specs({"--denoiser": config.denoiser, "--classifier": config.classifier,
-                            "--dataset": config.dataset}, {k: v for k, v in given.items() if v is not None},
-                           f"{run_dir}/run.json")
-    run = runs.resolve(config, runs.load_models(config))
-    if (run.config_hash, run.plan.num_shards) != (record.get("config_hash"), record.get("num_shards")):
-        old = record.get("shard_config") or {}
-        keys = sorted(k for k in set(old) | set(run.shard_config) if old.get(k) != run.shard_config.get(k))
-        raise InputError(f"{run_dir}: its run.json no longer matches what its config resolves to (different "
-                         f"{', '.join(keys[:4]) or 'shard count'}: models, data or code changed since it was "
-                         "planned); nothing resubmitted")
-    return run
-
-
-def _slurm_settings(run_dirs, **given) -> dict:
-    """The SLURM settings for resubmitting: those given, else those of the runs' latest recorded submission."""
-    from cpcluster.slurm_jobs import read_jobs
-
-    last = {}
-    for run_dir in run_dirs:
-        for record in read_jobs(run_dir):
-            if isinstance(record.get("submit"), dict):
-                last = record["submit"]
-    defaults = {"partition": None, "account": None, "time_min": 240, "array_parallelism": None,
-                "sbatch_extra": ()}
-    out = {}
-    for key, default in defaults.items():
-        value = given.get(key)
-        out[key] = value if value not in (None, ()) else last.get(key, default)
-    out["sbatch_extra"] = tuple(out["sbatch_extra"] or ())
-    return out
+    slurm = dict(partition=partition, account=account, time_min=time_min, array_parallelism=array_parallelism,
+                 sbatch_extra=sbatch_extra)
+    resubmit_runs(run_dirs, executor, {"--denoiser": denoiser, "--classifier": classifier}, slurm,
+                  workers=workers, dry_run=dry_run, echo=click.echo)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # Explicit registry: converter name -> module.
 CONVERTERS: dict[str, str] = {
@@ -71,7 +71,7 @@ def run_conversion(kind: str, source: str, out: str, set_items=(), overwrite: bo
     """
     from cpcluster.models.netfolder import META_FILE, WEIGHTS_FILE, encode_network, write_network_folder
     from cpcluster.models.weights import sha256_file
-    from cpcluster.shards import exists, join_url
+    from cpcluster.util.fileio import exists, join_url
 
     module = converter(kind)
     what = f"cpcluster convert {kind} {source}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from cpcluster.convert import Converted
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DESCRIPTION = ("NVlabs/edm network pickle (edm-*.pkl, baseline-*.pkl, network-snapshot-*.pkl): EDM/VP/VE/iDDPM "
                "preconditioner around SongUNet (DDPM++, NCSN++) or DhariwalUNet (ADM); read without running it")

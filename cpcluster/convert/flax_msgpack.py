@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 MAX_ARRAY_BYTES = 2**30  # flax chunks arrays above this, so a plain array is never larger
 MAX_CONTAINER_LEN = 100_000  # entries of one map or list: a parameter tree has a few hundred per level

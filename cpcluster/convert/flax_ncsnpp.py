@@ -19,7 +19,7 @@ import torch
 
 from cpcluster.convert import Converted
 from cpcluster.convert.flax_msgpack import read_flax_entries
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 DESCRIPTION = ("JAX/Flax model of openai/consistency_models_cifar10 (jcm msgpack checkpoint: cd-lpips/checkpoints/"
                "checkpoint_80, or the EDM teacher edm_cifar10_ema with preset=cifar10-edm) -> architecture ncsnpp")
@@ -33,7 +33,7 @@ PRESETS = {
 }
 # What each preset's network is: the CD/CT models are consistency functions on the 18-point grid; the EDM teacher is
 # an EDM denoiser D = c_skip x + c_out F(c_in x, 0.25 ln t) with sigma_data 0.5 (jcm's get_denoiser_fn), continuous
-# in t (no grid: purify with --time exact).
+# in t (no grid: purify with --time-rule exact).
 PRESET_META = {
     "cifar10-cd": {"kind": "consistency", "c_noise": "jax", "num_classes": None},
     "cifar10-edm": {"kind": "edm", "c_noise": "jax", "preconditioned": False, "sigma_data": 0.5, "num_classes": None},

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from cpcluster.convert import Converted
 from cpcluster.convert.openai_unet_shapes import describe_differences, infer_config
-from cpcluster.errors import InputError
 from cpcluster.models.archs import build_architecture, first_mismatch
 from cpcluster.models.archs.openai_unet import KEYS
 from cpcluster.models.transforms import parse_bool, parse_float, parse_int
+from cpcluster.util.errors import InputError
 
 DESCRIPTION = ("OpenAI PyTorch UNet .pt (improved-diffusion, guided-diffusion, consistency_models); "
                "--set preset=FILE_STEM")
@@ -106,8 +106,8 @@ def preset_config(options: dict[str, str], what: str) -> tuple[str, dict, dict, 
     if config["out_channels"] == 2 * config["in_channels"]:
         notes.append("learned sigma: the network's variance channels are dropped (only the mean is used)")
     if meta["kind"] == "edm":
-        notes.append("EDM denoiser: --purifier pf-ode --time exact (no training grid; or net:OUT?grid_steps=40 for "
-                     "the CD model's grid); --steps 1 is one-step denoising D(x, t)")
+        notes.append("EDM denoiser: --purifier pf-ode --time-rule exact (no training grid; or net:OUT?grid_steps=40 for "
+                     "the CD model's grid); --solver-steps 1 is one-step denoising D(x, t)")
     return name, config, meta, notes
 
 

@@ -22,10 +22,9 @@ import torch
 
 from cpcluster.demo.data import demo_dataset
 from cpcluster.demo.nets import DemoClassifier, DemoUNet
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-from cpcluster.models.specs import register
 from cpcluster.models.weights import apply_state_dict, load_state_dict
+from cpcluster.util.errors import InputError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENOISER_META = {"c_noise": "openai", "grid_steps": 18, "num_classes": None}
@@ -77,8 +76,7 @@ def _random(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-@register("denoiser", "demo")
-def _demo_denoiser(argument: str) -> LoadedDenoiser:
+def load_demo_denoiser(argument: str) -> LoadedDenoiser:
     name = {"": "denoiser", "finetuned": "denoiser-finetuned"}.get(argument)
     if name is None:
         raise InputError(f"--denoiser demo:{argument}: use 'demo' or 'demo:finetuned'")
@@ -89,29 +87,25 @@ def _demo_denoiser(argument: str) -> LoadedDenoiser:
     return demo_denoiser(shipped(name))
 
 
-@register("denoiser", "demo-random")
-def _demo_random_denoiser(argument: str) -> LoadedDenoiser:
+def load_demo_random_denoiser(argument: str) -> LoadedDenoiser:
     conditional = argument == "conditional"
     net = _random(DemoUNet(num_classes=10 if conditional else None), seed=1)
     meta = {**DENOISER_META, "num_classes": 10 if conditional else None, "random_init": True}
     return LoadedDenoiser(net.eval(), "consistency", meta, architecture=demo_architecture(meta["num_classes"]))
 
 
-@register("classifier", "demo")
-def _demo_classifier(argument: str) -> LoadedClassifier:
+def load_demo_classifier(argument: str) -> LoadedClassifier:
     if argument:
         raise InputError(f"--classifier demo:{argument}: the demo has one classifier; use 'demo'")
     return demo_classifier(shipped("classifier"))
 
 
-@register("classifier", "demo-random")
-def _demo_random_classifier(argument: str) -> LoadedClassifier:
+def load_demo_random_classifier(argument: str) -> LoadedClassifier:
     net = _random(DemoClassifier(), seed=2)
     return LoadedClassifier(net.eval(), 10, transform={**CLASSIFIER_TRANSFORM, "random_init": True})
 
 
-@register("dataset", "demo")
-def _demo_data(argument: str):
+def load_demo_dataset(argument: str):
     if argument not in ("", "test", "train"):
         raise InputError(f"--dataset demo:{argument}: use 'demo' (500 test digits) or 'demo:train' (1297 digits)")
     return demo_dataset(argument or "test")

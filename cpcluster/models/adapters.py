@@ -34,13 +34,12 @@ import io
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
-from cpcluster.models.specs import register
 from cpcluster.models.transforms import (TRANSFORM_KEYS, InputTransform, TransformedClassifier, parse_int,
                                          split_options, transform_from_options)
-from cpcluster.models.weights import apply_state_dict, load_state_dict, read_bytes, sha256_bytes
 from cpcluster.models.unet_folder import META_KEYS, load_unet_folder, merge_meta, normalize_meta
+from cpcluster.models.weights import apply_state_dict, load_state_dict, read_bytes, sha256_bytes
+from cpcluster.util.errors import InputError
 
 CLASSIFIER_KEYS = ("num_classes",) + TRANSFORM_KEYS
 MAX_CLASSES = 100_000  # a classifier head asked for by a spec option (ImageNet-21k has 21,841)
@@ -110,15 +109,13 @@ def _frozen(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------- denoisers
 
 
-@register("denoiser", "diffusers")
-def _diffusers_denoiser(argument: str) -> LoadedDenoiser:
+def load_diffusers(argument: str) -> LoadedDenoiser:
     what = f"--denoiser diffusers:{argument}"
     path, options = split_options(argument, what, META_KEYS)
     return load_unet_folder(path, options, what)
 
 
-@register("denoiser", "python")
-def _python_denoiser(argument: str) -> LoadedDenoiser:
+def load_python_denoiser(argument: str) -> LoadedDenoiser:
     what = f"--denoiser python:{argument}"
     body, options = split_options(argument, what, META_KEYS)
     obj, weights = _python_factory(body, what)
@@ -141,8 +138,7 @@ def _python_denoiser(argument: str) -> LoadedDenoiser:
     return obj
 
 
-@register("denoiser", "torchscript")
-def _torchscript_denoiser(argument: str) -> LoadedDenoiser:
+def load_torchscript_denoiser(argument: str) -> LoadedDenoiser:
     what = f"--denoiser torchscript:{argument}"
     url, options = split_options(argument, what, META_KEYS)
     module, digest = _torchscript(url, what)
@@ -167,8 +163,7 @@ def _num_classes(options: dict, module: nn.Module, what: str) -> int:
     raise InputError(f"{what}: cannot tell the number of classes; add ?num_classes=K to the spec")
 
 
-@register("classifier", "timm")
-def _timm_classifier(argument: str) -> LoadedClassifier:
+def load_timm(argument: str) -> LoadedClassifier:
     what = f"--classifier timm:{argument}"
     body, options = split_options(argument, what, CLASSIFIER_KEYS + ("in_chans",))
     name, _, checkpoint = body.partition(":")
@@ -191,16 +186,14 @@ def _timm_classifier(argument: str) -> LoadedClassifier:
     return _classifier(net, int(net.num_classes), digest, transform, extra)
 
 
-@register("classifier", "torchscript")
-def _torchscript_classifier(argument: str) -> LoadedClassifier:
+def load_torchscript_classifier(argument: str) -> LoadedClassifier:
     what = f"--classifier torchscript:{argument}"
     url, options = split_options(argument, what, CLASSIFIER_KEYS)
     net, digest = _torchscript(url, what)
     return _classifier(net, _num_classes(options, net, what), digest, transform_from_options(options, what))
 
 
-@register("classifier", "python")
-def _python_classifier(argument: str) -> LoadedClassifier:
+def load_python_classifier(argument: str) -> LoadedClassifier:
     what = f"--classifier python:{argument}"
     body, options = split_options(argument, what, CLASSIFIER_KEYS)
     obj, weights = _python_factory(body, what)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cpcluster.core.choices import TIME_RULES
+
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002  # eps: the boundary time where D(x, eps) = x
 SIGMA_MAX = 80.0
@@ -44,8 +46,8 @@ def time_for_sigma(sigma_pixel: float, num_steps: int | None, rule: str = "neare
     target = 2.0 * float(sigma_pixel)
     if rule == "exact":
         return target
-    if rule != "nearest":
-        raise ValueError(f"unknown time rule {rule!r}; use 'nearest' or 'exact'")
+    if rule not in TIME_RULES:
+        raise ValueError(f"unknown time rule {rule!r}; use one of {', '.join(TIME_RULES)}")
     if not num_steps:
         raise ValueError("rule 'nearest' needs the model's grid size N (network metadata)")
     grid = karras_grid(num_steps)

@@ -25,15 +25,14 @@ import zipfile
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import check_regular, filesystem, is_local_fs, open_regular, read_regular
 from cpcluster.models.lazy_arrays import RowConcat, npz_member_memmap, read_npz, sha256_rows
 from cpcluster.models.loaded import ImageDataset
 from cpcluster.models.safepickle import safe_load
-from cpcluster.models.specs import register
 from cpcluster.models.transforms import parse_choice, parse_int, split_options
 from cpcluster.models.weights import read_bytes
-from cpcluster.shards import exists, is_local, join_url
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import (check_regular, exists, filesystem, is_local, is_local_fs, join_url, open_regular,
+                                   read_regular)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MAX_IMAGE_PIXELS = 2**24  # 4096 x 4096: far above any dataset image, far below a decompression bomb
@@ -115,8 +114,7 @@ def _cifar_layout(root: str, split: str) -> tuple[list[str], str]:
                      "(cifar-10-batches-py) there or in a cifar-10-batches-* subfolder")
 
 
-@register("dataset", "cifar10")
-def _cifar10(argument: str) -> ImageDataset:
+def load_cifar10(argument: str) -> ImageDataset:
     what = f"--dataset cifar10:{argument}"
     root, options = split_options(argument, what, ("split",))
     split = parse_choice(options, "split", ("test", "train"), what)
@@ -147,8 +145,7 @@ def _npz(url: str, what: str) -> dict:
             raise InputError(f"{what} {url}: not a readable numeric .npz file ({type(e).__name__}: {e})") from None
 
 
-@register("dataset", "imagenet64")
-def _imagenet64(argument: str) -> ImageDataset:
+def load_imagenet64(argument: str) -> ImageDataset:
     what = f"--dataset imagenet64:{argument}"
     url, options = split_options(argument, what, ("split",))
     if url.endswith(".npz"):
@@ -215,8 +212,7 @@ def _imagenet_file(url: str) -> tuple:
     return data.reshape(-1, 3, side, side), labels.astype(np.int64) - 1
 
 
-@register("dataset", "npz")
-def _generic_npz(argument: str) -> ImageDataset:
+def load_npz(argument: str) -> ImageDataset:
     what = f"--dataset npz:{argument}"
     url, options = split_options(argument, what, ("x", "y", "layout", "num_classes"))
     z = _npz(url, "dataset file")
@@ -241,8 +237,7 @@ def _generic_npz(argument: str) -> ImageDataset:
 # ------------------------------------------------------------------------------------------------- image folder
 
 
-@register("dataset", "folder")
-def _image_folder(argument: str) -> ImageDataset:
+def load_image_folder(argument: str) -> ImageDataset:
     from PIL import Image, UnidentifiedImageError
 
     what = f"--dataset folder:{argument}"

@@ -19,10 +19,10 @@ import math
 import numpy as np
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.models.purifier_base import DenoiserPurifier, LabelPolicy
+from cpcluster.util.errors import InputError
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -125,6 +125,3 @@ class OneStepDDPMPurifier(DenoiserPurifier):
                 "model_sigma_t": math.sqrt((1.0 - self.abar_t) / self.abar_t), "prediction": self.prediction,
                 "schedule": self.denoiser.meta.get("schedule"),
                 "label_policy": self.label_policy.text if self.denoiser.meta.get("num_classes") else None}
-
-
-PURIFIERS["onestep-ddpm"] = OneStepDDPMPurifier

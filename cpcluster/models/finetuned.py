@@ -13,10 +13,9 @@ error messages of this module; both load any network folder.
 """
 from __future__ import annotations
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.netfolder import WEIGHTS_FILE, encode_network, load_network_folder, write_network_folder
-from cpcluster.models.specs import register
+from cpcluster.util.errors import InputError
 
 # Network metadata a fine-tuned consistency / EDM network keeps (what the purifiers read).
 EXPORTED_META = ("c_noise", "grid_steps", "num_classes", "preconditioned", "sigma_data")
@@ -56,7 +55,6 @@ def export_finetuned(folder: str, state: dict, base: LoadedDenoiser, which: str,
     return record
 
 
-@register("denoiser", "finetuned")
 def load_finetuned(argument: str) -> LoadedDenoiser:
     """``finetuned:<folder>``: a fine-tuning export (any network folder), rebuilt from its own record."""
     from cpcluster.models.transforms import split_options

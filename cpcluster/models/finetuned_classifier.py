@@ -24,10 +24,10 @@ from __future__ import annotations
 import datetime
 import json
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier
-from cpcluster.models.specs import load_classifier, register
+from cpcluster.models.specs import load_classifier
 from cpcluster.models.weights import apply_state_dict, load_state_dict, read_json_object, sha256_bytes
+from cpcluster.util.errors import InputError
 
 FORMAT = "cpcluster-finetuned-classifier"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -54,7 +54,7 @@ def state_bytes(state: dict, tag: str) -> bytes:
 
 def write_export(folder: str, weights_file: str, raw: bytes, meta: dict) -> dict:
     """Write the weights, then ``cpcluster.json`` (last: a folder holding it is complete), each atomically."""
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     write_bytes_atomic(_join(folder, weights_file), raw)
     write_bytes_atomic(_join(folder, META_FILE), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
@@ -145,7 +145,6 @@ def architecture_spec(folder: str, base_spec: str, repeated: str) -> str:
     return ARCHITECTURES[kind](base_spec)
 
 
-@register("classifier", "finetuned")
 def load_finetuned_classifier(argument: str) -> LoadedClassifier:
     """``finetuned:<folder>[|BASE]``: the base architecture (see the module docstring), the export's weights strictly."""
     folder, _, repeated = argument.partition("|")

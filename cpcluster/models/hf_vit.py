@@ -29,11 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import LoadedClassifier
-from cpcluster.models.specs import register
 from cpcluster.models.transforms import (TRANSFORM_KEYS, InputTransform, TransformedClassifier, split_options,
                                          transform_from_options)
+from cpcluster.util.errors import InputError
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -94,7 +93,7 @@ def processor_options(processor: dict, options: dict, what: str) -> dict:
 def input_transform(folder: str, options: dict, image_size: int, what: str) -> dict:
     """The transform record (:func:`transform_from_options`) of the folder's processor overridden by ``options``."""
     from cpcluster.models.weights import read_json_object
-    from cpcluster.shards import exists, join_url
+    from cpcluster.util.fileio import exists, join_url
 
     url = join_url(folder, PROCESSOR_FILE)
     if exists(url):
@@ -136,7 +135,7 @@ def load_hf_vit(folder: str, options: dict, what: str) -> LoadedClassifier:
     from cpcluster.models.archs import assign_state
     from cpcluster.models.hf_vit_layout import check_state, timm_state, vit_kwargs
     from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_json_object
-    from cpcluster.shards import exists, join_url
+    from cpcluster.util.fileio import exists, join_url
 
     root = folder.rstrip("/")
     config_url = join_url(root, "config.json")
@@ -161,8 +160,7 @@ def load_hf_vit(folder: str, options: dict, what: str) -> LoadedClassifier:
                             architecture=architecture)
 
 
-@register("classifier", "hf-vit")
-def _hf_vit_classifier(argument: str) -> LoadedClassifier:
+def load_hf_vit_classifier(argument: str) -> LoadedClassifier:
     what = f"--classifier hf-vit:{argument}"
     folder, options = split_options(argument, what, TRANSFORM_KEYS)
     if not folder:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs.params import get_float, get_int
+from cpcluster.util.errors import InputError
 
 IGNORED_PREFIX = "vit.pooler."
 WHERE = "a ViTForImageClassification of this config.json"

@@ -20,11 +20,10 @@ from __future__ import annotations
 import datetime
 import json
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs import ARCHITECTURES, assign_state, build_architecture, first_mismatch
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.specs import register
 from cpcluster.models.weights import load_state_dict, read_json_object, sha256_bytes
+from cpcluster.util.errors import InputError
 
 FORMAT = "cpcluster-network"
 VERSION = 1
@@ -68,7 +67,7 @@ def encode_network(state: dict, architecture: str, arch_config: dict, meta: dict
 
 def write_network_folder(folder: str, raw: bytes, record: dict) -> None:
     """Write the weights, then ``cpcluster.json``, each atomically (temp + rename): a reader sees a whole folder."""
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     write_bytes_atomic(_join(folder, WEIGHTS_FILE), raw)
     write_bytes_atomic(_join(folder, META_FILE), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
@@ -122,8 +121,7 @@ def load_network_folder(folder: str, options: dict, what: str) -> LoadedDenoiser
                           architecture={"name": record["architecture"], "config": record["arch_config"]})
 
 
-@register("denoiser", "net")
-def _net_denoiser(argument: str) -> LoadedDenoiser:
+def load_net(argument: str) -> LoadedDenoiser:
     from cpcluster.models.transforms import split_options
     from cpcluster.models.unet_folder import META_KEYS
 

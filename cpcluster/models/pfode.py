@@ -13,7 +13,7 @@ How each network kind gives the denoiser ``D(x, t)`` (model space, t = noise sta
   sqrt(t^2+sd^2)``, ``c_in = 1/sqrt(t^2+sd^2)``, ``D = c_skip x + c_out F(c_in x, c_noise(t), labels)`` with
   ``c_noise = ln(t)/4`` (``meta["c_noise"] = "edm"``, the default; ``"openai"`` = ``250 ln t``). A network that
   already applies its preconditioning (NVlabs ``EDMPrecond``: ``net(x, sigma, labels) -> D``) sets
-  ``meta["preconditioned"] = True``. ``t_0`` follows ``--time``: the training-grid point nearest 2 sigma
+  ``meta["preconditioned"] = True``. ``t_0`` follows ``--time-rule``: the training-grid point nearest 2 sigma
   (needs ``meta["grid_steps"]``) or 2 sigma exactly; ``t_min = 0.002``.
 * ``ddpm`` -- a noise predictor read as a variance-exploding denoiser, ``D(x, t) = x0_hat(sqrt(abar_j) x, j)``
   at the timestep ``j`` with ``sqrt((1 - abar_j)/abar_j) = t``: the ODE times are restricted to the schedule's own
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
+from cpcluster.models import ddpm as _ddpm
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
-from cpcluster.models import ddpm as _ddpm  # module import: safe whichever of ddpm / pfode / purifiers loads first
 from cpcluster.models.loaded import LoadedDenoiser
-from cpcluster.models.purifiers import PURIFIERS, DenoiserPurifier, LabelPolicy
+from cpcluster.models.purifier_base import DenoiserPurifier, LabelPolicy
+from cpcluster.util.errors import InputError
 
 EDM_SIGMA_DATA = 0.5
 EDM_C_NOISE = {"edm": C_NOISE["jax"], "jax": C_NOISE["jax"], "openai": C_NOISE["openai"]}
@@ -119,7 +119,7 @@ class PFODEPurifier(DenoiserPurifier):
         super().__init__()
         steps = 10 if steps is None else int(steps)
         if steps < 1:
-            raise InputError(f"--steps {steps}: the pf-ode purifier needs at least 1 step")
+            raise InputError(f"--solver-steps {steps}: the pf-ode purifier needs at least 1 step")
         if solver not in SOLVERS:
             raise InputError(f"pf-ode solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
         self.denoiser = denoiser
@@ -129,7 +129,7 @@ class PFODEPurifier(DenoiserPurifier):
             self.D = EDMDenoiser(denoiser)
             if time_rule == "nearest" and not denoiser.meta.get("grid_steps"):
                 raise InputError(f"--denoiser {denoiser.spec}: a continuous-time EDM network has no training grid "
-                                 "for --time nearest; use --time exact (t = 2 sigma) or set grid_steps")
+                                 "for --time-rule nearest; use --time-rule exact (t = 2 sigma) or set grid_steps")
             t_start = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
             times = karras_times(t_start, SIGMA_MIN, steps)
         elif denoiser.kind == "ddpm":
@@ -167,6 +167,3 @@ class PFODEPurifier(DenoiserPurifier):
         return {"kind": self.kind, "t_sigma": self.times[0], "time_rule": self.time_rule,
                 "steps": len(self.times) - 1, "solver": self.solver, "times": self.times,
                 "label_policy": self.label_policy.text if self.denoiser.meta.get("num_classes") else None}
-
-
-PURIFIERS["pf-ode"] = PFODEPurifier

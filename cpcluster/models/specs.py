@@ -1,51 +1,57 @@
-"""Spec strings -> loaded models and datasets, through explicit registries (name -> loader).
+"""Spec strings -> loaded models and datasets, through one explicit table per kind of spec (kind -> loader).
 
 A spec is ``KIND`` or ``KIND:ARGUMENT``, e.g. ``demo``, ``demo-random``, ``python:my.module:factory``,
 ``torchscript:/ckpt/model.pt``, ``diffusers:/ckpt/cd_imagenet64_lpips``, ``timm:resnet50:/ckpt/r50.safetensors``,
-``hf-vit:/ckpt/vit-cifar10``, ``cifar10:/data/cifar-10-batches-py``, ``npz:/data/val.npz``. Loaders raise
-:class:`InputError` naming the spec and the fix. Adapter modules register more kinds with :func:`register`.
+``hf-vit:/ckpt/vit-cifar10``, ``cifar10:/data/cifar-10-batches-py``, ``npz:/data/val.npz``. A table maps each kind
+to its loader as ``"module:function"``; the module is imported only when a spec of that kind is loaded, and the
+loader gets ``ARGUMENT``. Loaders raise :class:`InputError` naming the spec and the fix.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
 
-from cpcluster.errors import InputError
 from cpcluster.models.loaded import ImageDataset, LoadedClassifier, LoadedDenoiser
+from cpcluster.util.errors import InputError
 
-DENOISERS: dict[str, Callable[[str], LoadedDenoiser]] = {}
-CLASSIFIERS: dict[str, Callable[[str], LoadedClassifier]] = {}
-DATASETS: dict[str, Callable[[str], ImageDataset]] = {}
-_TABLES = {"denoiser": DENOISERS, "classifier": CLASSIFIERS, "dataset": DATASETS}
+DENOISERS = {
+    "demo": "cpcluster.demo.models:load_demo_denoiser",
+    "demo-random": "cpcluster.demo.models:load_demo_random_denoiser",
+    "diffusers": "cpcluster.models.adapters:load_diffusers",
+    "net": "cpcluster.models.netfolder:load_net",
+    "finetuned": "cpcluster.models.finetuned:load_finetuned",
+    "python": "cpcluster.models.adapters:load_python_denoiser",  # runs code the spec names (CODE_KINDS)
+    "torchscript": "cpcluster.models.adapters:load_torchscript_denoiser",
+}
+CLASSIFIERS = {
+    "demo": "cpcluster.demo.models:load_demo_classifier",
+    "demo-random": "cpcluster.demo.models:load_demo_random_classifier",
+    "timm": "cpcluster.models.adapters:load_timm",
+    "hf-vit": "cpcluster.models.hf_vit:load_hf_vit_classifier",
+    "finetuned": "cpcluster.models.finetuned_classifier:load_finetuned_classifier",
+    "python": "cpcluster.models.adapters:load_python_classifier",
+    "torchscript": "cpcluster.models.adapters:load_torchscript_classifier",
+}
+DATASETS = {
+    "demo": "cpcluster.demo.models:load_demo_dataset",
+    "cifar10": "cpcluster.models.datasets:load_cifar10",
+    "imagenet64": "cpcluster.models.datasets:load_imagenet64",
+    "npz": "cpcluster.models.datasets:load_npz",
+    "folder": "cpcluster.models.datasets:load_image_folder",
+}
+TABLES = {"denoiser": DENOISERS, "classifier": CLASSIFIERS, "dataset": DATASETS}
 
 
-def register(table: str, kind: str):
-    """Decorator: ``@register("denoiser", "diffusers") def load(argument: str) -> LoadedDenoiser``."""
-
-    def deco(fn):
-        _TABLES[table][kind] = fn
-        return fn
-
-    return deco
-
-
-def _ensure_adapters() -> None:
-    # Adapter modules register themselves on import; import them here, not at package import (no side effects).
-    import cpcluster.demo.models  # noqa: F401
-    import importlib.util
-
-    for name in ("cpcluster.models.adapters", "cpcluster.models.datasets", "cpcluster.models.finetuned",
-                 "cpcluster.models.finetuned_classifier", "cpcluster.models.netfolder", "cpcluster.models.hf_vit"):
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+def loader(table: str, kind: str):
+    """The loader function of spec kind ``kind`` in ``table`` (its module imported now); KeyError if unknown."""
+    module, attribute = TABLES[table][kind].split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def _load(table: str, spec: str):
-    _ensure_adapters()
     kind, _, argument = spec.partition(":")
-    loaders = _TABLES[table]
-    if kind not in loaders:
-        raise InputError(f"--{table} {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(sorted(loaders))}")
-    loaded = loaders[kind](argument)
+    if kind not in TABLES[table]:
+        raise InputError(f"--{table} {spec!r}: unknown kind {kind!r}; known kinds: {', '.join(known_kinds(table))}")
+    loaded = loader(table, kind)(argument)
     loaded.spec = spec
     if table != "dataset":
         check_finite(loaded.module, f"--{table} {spec}")
@@ -111,5 +117,5 @@ def confirm_recorded_specs(recorded: dict, given: dict, source: str) -> None:
 
 
 def known_kinds(table: str) -> list[str]:
-    _ensure_adapters()
-    return sorted(_TABLES[table])
+    """The spec kinds of ``table`` (``denoiser``, ``classifier``, ``dataset``), sorted."""
+    return sorted(TABLES[table])

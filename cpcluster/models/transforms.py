@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 TRANSFORM_KEYS = ("resize", "interp", "antialias", "mean", "std", "quantize")
 NORM_PRESETS = {

@@ -16,13 +16,12 @@ Metadata layers, later ones override earlier ones:
 3. the spec options after ``?``.
 
 ``num_classes`` always comes from the UNet config (``num_class_embeds``). A consistency network without
-``grid_steps`` can only run with ``--time exact``; ``inspect`` shows ``grid_steps: None`` for it.
+``grid_steps`` can only run with ``--time-rule exact``; ``inspect`` shows ``grid_steps: None`` for it.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs import assign_state, build_architecture
 from cpcluster.models.archs.diffusers_unet import DiffusersUNet  # noqa: F401  (re-exported for benchmarks)
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
@@ -30,7 +29,8 @@ from cpcluster.models.ddpm import PREDICTIONS, alphas_cumprod, ddpm_betas
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.transforms import parse_bool, parse_float, parse_int
 from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_json_object
-from cpcluster.shards import exists, join_url
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import exists, join_url
 
 KINDS = ("consistency", "edm", "ddpm")
 MAX_TIMESTEPS = 100_000  # grid points / DDPM timesteps a network may name (the releases use 18 to 4000)

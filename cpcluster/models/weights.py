@@ -5,12 +5,12 @@ import hashlib
 
 import torch
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import MAX_JSON_BYTES, open_regular, read_json, read_regular
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import MAX_JSON_BYTES, open_regular, read_json, read_regular
 
 
 def read_bytes(url: str, what: str) -> bytes:
-    """The bytes of the regular file ``url`` (:func:`cpcluster.fileio.read_regular`: no FIFO or device)."""
+    """The bytes of the regular file ``url`` (:func:`cpcluster.util.fileio.read_regular`: no FIFO or device)."""
     return read_regular(url, what)
 
 

@@ -9,7 +9,7 @@ import cloudpickle
 import pytest
 
 import slurm_probes
-from cpcluster.slurm import slurm_reachable
+from cpcluster.orchestrate.slurm_jobs import slurm_reachable
 
 # the jobs run in a fresh interpreter that cannot import this test folder: ship the probes by value
 cloudpickle.register_pickle_by_value(slurm_probes)

@@ -27,12 +27,12 @@ def write_task(out: str, index: int) -> int:
 
 
 def ddp_probe(out: str) -> dict:
-    """Two-node gloo job through cpcluster.dist: each rank reports where it runs, the rendezvous it used and the
+    """Two-node gloo job through cpcluster.util.dist: each rank reports where it runs, the rendezvous it used and the
     all_reduce of ``rank + 1`` over all ranks."""
     import torch
     import torch.distributed as tdist
 
-    from cpcluster import dist
+    from cpcluster.util import dist
 
     torch.set_num_threads(1)
     info = dist.init("cpu")
@@ -54,7 +54,7 @@ def ddp_probe(out: str) -> dict:
 
 def rank_one_dies(out: str) -> None:
     """Two-node job in which rank 1 raises right after the rendezvous while rank 0 works on for 10 minutes."""
-    from cpcluster import dist
+    from cpcluster.util import dist
 
     info = dist.init("cpu")
     if info.rank == 1:

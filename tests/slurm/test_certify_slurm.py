@@ -15,9 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.shards import read_shard, shard_name
-from cpcluster.slurm import cluster_max_array_size, read_jobs, split_array
-from cpcluster.status import collect
+from cpcluster.core.shards import read_shard, shard_name
+from cpcluster.orchestrate.slurm_arrays import cluster_max_array_size
+from cpcluster.orchestrate.slurm_jobs import read_jobs
+from cpcluster.orchestrate.status import collect
+from cpcluster.sharding.arrays import split_array
 
 pytestmark = pytest.mark.slurm
 MODELS = ["--denoiser", "demo-random", "--classifier", "demo-random", "--device", "cpu", "--time-min", "10"]
@@ -118,7 +120,7 @@ def test_unknown_partition_is_slurms_message_in_one_line(tmp_path):
 
 
 def _units_recorded(run_dir, k, total):
-    from cpcluster.shards import read_journal
+    from cpcluster.core.journal import read_journal
 
     state = read_journal(os.path.join(run_dir, shard_name(k, total)) + ".journal")
     return 0 if state is None else len(state.units)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from cpcluster.cli import main
-from cpcluster.config import FinetuneConfig
+from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs.finetune import FinetuneJob
 
 pytestmark = pytest.mark.slurm
@@ -57,7 +57,7 @@ def test_preempted_job_requeues_and_resumes_from_disk(tmp_path):
     """USR2 (preemption / time limit) -> submitit calls FinetuneJob.checkpoint() -> requeued -> resumes from disk."""
     import time
 
-    from cpcluster.cli.finetune_cmd import build_executor
+    from cpcluster.orchestrate.finetune import build_executor
     from cpcluster.jobs import finetune_io
 
     if _nodes() < 1:

@@ -8,10 +8,11 @@ import time
 import pytest
 
 import slurm_probes
-from cpcluster.errors import InputError
-from cpcluster.slurm import (SlurmOptions, cluster_max_array_size, make_executor, read_jobs, record_jobs,
-                             submit_array)
-from cpcluster.slurm_dryrun import render_sbatch
+from cpcluster.orchestrate.slurm import SlurmOptions, make_executor
+from cpcluster.orchestrate.slurm_arrays import cluster_max_array_size, submit_array
+from cpcluster.orchestrate.slurm_dryrun import render_sbatch
+from cpcluster.orchestrate.slurm_jobs import read_jobs, record_jobs
+from cpcluster.util.errors import InputError
 
 pytestmark = pytest.mark.slurm
 OPTS = SlurmOptions(time_min=5, array_parallelism=3, job_name="cpc-test-array")

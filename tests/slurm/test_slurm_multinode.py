@@ -6,8 +6,9 @@ import subprocess
 import pytest
 
 import slurm_probes
-from cpcluster.dist import rendezvous_port
-from cpcluster.slurm import SlurmOptions, make_executor, submit_array
+from cpcluster.orchestrate.slurm import SlurmOptions, make_executor
+from cpcluster.orchestrate.slurm_arrays import submit_array
+from cpcluster.util.dist import rendezvous_port
 
 pytestmark = pytest.mark.slurm
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import slurm_probes
-from cpcluster.slurm import SlurmOptions, make_executor, submit_array
+from cpcluster.orchestrate.slurm import SlurmOptions, make_executor
+from cpcluster.orchestrate.slurm_arrays import submit_array
 
 pytestmark = pytest.mark.slurm
 STEPS, STEP_S = 12, 1.0

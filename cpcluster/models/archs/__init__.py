@@ -17,7 +17,7 @@ import importlib
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # Explicit registry: architecture name -> module holding its ``build(config, what)``.
 ARCHITECTURES: dict[str, str] = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 from cpcluster.models.archs.params import check_keys, get_int, get_optional_int
 

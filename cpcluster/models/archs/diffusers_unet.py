@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs.params import get_float, get_int, get_int_list, get_optional_int
+from cpcluster.util.errors import InputError
 
 MAX_CHANNELS = 8192
 

@@ -7,7 +7,7 @@ group, the two timestep embeddings, the unified residual block with optional sel
 initialised with small random values only so that a freshly built module is usable; released weights replace them.
 
 Shapes: images (B, C, H, W); embeddings (B, E). Bad sizes raise ``ValueError`` (the builder turns it into an
-:class:`~cpcluster.errors.InputError`).
+:class:`~cpcluster.util.errors.InputError`).
 """
 from __future__ import annotations
 

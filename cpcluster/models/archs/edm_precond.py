@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs.edm_unets import UNETS
 from cpcluster.models.archs.params import check_keys, get_bool, get_choice, get_float, get_int, get_int_list
+from cpcluster.util.errors import InputError
 
 COMMON_KWARGS = {"img_resolution": None, "img_channels": None, "label_dim": 0, "use_fp16": False}
 # The preconditioner arguments that change D (the sampler's sigma_min / sigma_max / epsilon_t do not).

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs.ncsnpp_layers import (SQRT2, AttnBlockpp, Conv, Dense, Downsample,
                                                   GaussianFourierProjection, GroupNorm, ResnetBlockBigGANpp)
 from cpcluster.models.archs.params import (check_keys, get_bool, get_choice, get_float, get_int, get_int_list)
+from cpcluster.util.errors import InputError
 
 # The options of the released configs: the only values this implementation has (and is tested with).
 FIXED = {"resblock_type": "biggan", "progressive": "none", "progressive_input": "residual",

@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpcluster.errors import InputError
 from cpcluster.models.archs.openai_unet_blocks import (GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock,
                                                        TimestepSequential, Upsample, timestep_embedding)
 from cpcluster.models.archs.params import (check_keys, get_bool, get_choice, get_float, get_int, get_int_list,
                                            get_optional_int)
+from cpcluster.util.errors import InputError
 
 MAX_CHANNELS = 8192
 MAX_PARAMETERS = 4_000_000_000

@@ -6,7 +6,7 @@ key, the value and the allowed range. Bounds keep a tiny config from asking for 
 """
 from __future__ import annotations
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 _MISSING = object()
 

@@ -1,4 +1,4 @@
-"""The journal of a running shard: its progress, one durable record per unit (see :mod:`cpcluster.shards`).
+"""The journal of a running shard: its progress, one durable record per unit (see :mod:`cpcluster.core.shards`).
 
 Layout: ``MAGIC``, the header length (``<Q``), the header (UTF-8 JSON: ``config_hash``, ``num_classes``,
 ``config``, ``shard``, ``image_index``, ``labels``) and its CRC32 (``<I``); then one record per unit:
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cpcluster.errors import InputError
-from cpcluster.fileio import filesystem, is_local_fs, parse_json, read_regular
+from cpcluster.util.errors import InputError
+from cpcluster.util.fileio import filesystem, is_local_fs, parse_json, read_regular
 
 JOURNAL_SUFFIX = ".journal"
 MAGIC = b"CPCJOURNAL2\n"

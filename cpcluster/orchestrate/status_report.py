@@ -1,10 +1,10 @@
 """The text ``cpcluster status`` prints: one table per run (:func:`format_status`), durations (:func:`format_duration`).
 
-The states and numbers come from :func:`cpcluster.status.collect`; nothing here reads files or asks SLURM.
+The states and numbers come from :func:`cpcluster.orchestrate.status.collect`; nothing here reads files or asks SLURM.
 """
 from __future__ import annotations
 
-from cpcluster.status import STATES, RunStatus
+from cpcluster.orchestrate.status import RunStatus, STATES
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,5 +1,5 @@
 """Frozen dataclass configs of the jobs behind the paper's other evidence: classifier fine-tuning (CLS-FT) and
-purification quality. Like :mod:`cpcluster.config`, they are what gets pickled, hashed and written beside results;
+purification quality. Like :mod:`cpcluster.core.config`, they are what gets pickled, hashed and written beside results;
 invalid values raise :class:`InputError` at construction.
 """
 from __future__ import annotations
@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpcluster.config import TrainingConfig, check_choices, check_training
-from cpcluster.errors import InputError
+from cpcluster.core.choices import BATCHNORM_MODES, DEVICES, LPIPS_NETS, OPTIMIZERS, SCHEDULES, TIME_RULES, check_choices
+from cpcluster.core.config import TrainingConfig, check_training
+from cpcluster.models.purifiers import PURIFIER_NAMES
+from cpcluster.util.errors import InputError
 
 # ------------------------------------------------------------------------------------------ classifier fine-tuning
-OPTIMIZERS = ("sgd", "radam")
-SCHEDULES = ("constant", "cosine", "step")
-BATCHNORM_MODES = ("train", "frozen", "sync")
-PURIFIER_KINDS = ("consistency", "onestep-ddpm", "pf-ode", "none")
 # Fields that may change between a run and its resumption without changing what is trained (``steps`` too, but only
 # under the constant schedule: the cosine and step schedules are functions of the total number of steps).
 CLASSIFIER_RESUME_FREE = frozenset({"out", "nodes", "ranks_per_node", "device", "log_every", "eval_every",
@@ -75,8 +73,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
                               "keep_checkpoints", "log_every", "lr_step_every"),
                        ("eval_images", "eval_every", "warmup_steps"),
                        {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "batchnorm": BATCHNORM_MODES,
-                        "purifier": PURIFIER_KINDS, "time_rule": ("nearest", "exact"),
-                        "device": ("auto", "cpu", "cuda")})
+                        "purifier": PURIFIER_NAMES, "time_rule": TIME_RULES, "device": DEVICES})
         if not 0 <= self.momentum < 1:
             raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.weight_decay < 0:
@@ -84,7 +81,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
         if not 0 < self.lr_gamma <= 1:
             raise InputError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
         if self.purifier_steps is not None and self.purifier_steps < 1:
-            raise InputError(f"--purifier-steps {self.purifier_steps}: must be at least 1")
+            raise InputError(f"--solver-steps {self.purifier_steps}: must be at least 1")
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:
@@ -97,7 +94,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
 
 
 # ---------------------------------------------------------------------------------------------- purification quality
-QUALITY_PURIFIERS = ("clean",) + PURIFIER_KINDS
+QUALITY_PURIFIERS = ("clean",) + PURIFIER_NAMES
 # Fields that do not change what a quality run measures: where and how fast it runs.
 QUALITY_RUN_FREE = frozenset({"run_dir", "batch", "device", "threads"})
 
@@ -159,8 +156,7 @@ class QualityConfig:
                 raise InputError(f"--{name.replace('_', '-').replace('num-', '')} {value}: must be an integer >= {least}")
         if self.max_images is not None and self.max_images < 1:
             raise InputError(f"--max-images {self.max_images}: must be at least 1")
-        check_choices(self, {"lpips_net": ("vgg", "alex"), "time_rule": ("nearest", "exact"),
-                             "device": ("auto", "cpu", "cuda")}, {"time_rule": "--time"})
+        check_choices(self, {"lpips_net": LPIPS_NETS, "time_rule": TIME_RULES, "device": DEVICES})
         if not self.run_dir:
             raise InputError("--out is required: a folder or fsspec URL for the quality shards")
 

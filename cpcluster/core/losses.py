@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 # torchvision's file names for the ImageNet weights of the LPIPS trunks (the hash prefix is part of the name).
 BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}

@@ -18,6 +18,7 @@ before that (a full disk) removes the temporaries and leaves the folder as it wa
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ import tempfile
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 MAX_JSON_BYTES = 16 * 2**20
 MAX_JSON_DEPTH = 64
@@ -62,6 +63,21 @@ def process_local(url: str, what: str = "") -> bool:
             return True
         fs, seen = getattr(fs, "fs", None), seen + 1
     return False
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an fsspec URL."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is on the local filesystem (a path or ``file://``)."""
+    return is_local_fs(filesystem(url)[0])
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -178,6 +194,16 @@ def parse_json(raw, where: str, kind: type | None = dict):
         names = {dict: "a JSON object", list: "a JSON list"}
         raise InputError(f"{where}: expected {names.get(kind, kind.__name__)}, found {type(value).__name__}")
     return value
+
+
+def canonical_json(config: dict) -> str:
+    """The one serialization that :func:`config_hash` is taken over (sorted keys, no spaces)."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config: dict) -> str:
+    """Hex sha256 of ``canonical_json(config)`` in UTF-8: equal hashes mean the same configuration."""
+    return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
 def read_json(url: str, what: str = "", kind: type | None = dict, max_bytes: int = MAX_JSON_BYTES):

@@ -5,22 +5,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cpcluster.errors import InputError
-from cpcluster.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
+from cpcluster.core.choices import (AGGREGATE_FORMATS, DEVICES, DTYPES, FINETUNE_LOSSES, LPIPS_NETS, MODES, TIME_RULES,
+                                    check_choices, check_label_policy)
+from cpcluster.core.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
 from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
-
-
-def check_label_policy(text) -> str:
-    """``--purifier-label``: ``random`` or ``fixed:K`` with K a non-negative integer; InputError otherwise."""
-    kind, _, value = str(text).partition(":")
-    if not isinstance(text, str) or (text != "random" and not (kind == "fixed" and value.isascii()
-                                                                and value.isdigit() and len(value) <= 9)):
-        raise InputError(f"--purifier-label {text!r}: use 'random' or 'fixed:K' with K a class index, e.g. fixed:0")
-    return text
+from cpcluster.sharding.seeds import check_batching, check_forward_batch
+from cpcluster.util.errors import InputError
 
 
 # ------------------------------------------------------------------------------------------------------ aggregate
-AGGREGATE_FORMATS = ("md", "latex", "csv")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -57,8 +50,7 @@ class AggregateOptions:
                              "in increasing order")
         if self.cost_radius is not None and not 0.0 <= float(self.cost_radius) < float("inf"):
             raise InputError(f"--cost-radius {self.cost_radius}: give a finite radius >= 0, e.g. --cost-radius 0.5")
-        if self.format not in AGGREGATE_FORMATS:
-            raise InputError(f"--format {self.format!r}: use one of {', '.join(AGGREGATE_FORMATS)}")
+        check_choices(self, {"format": AGGREGATE_FORMATS})
 
     @property
     def radius_for_cost(self) -> float:
@@ -72,9 +64,6 @@ class AggregateOptions:
 
 
 # -------------------------------------------------------------------------------------------------------- certify
-CERTIFY_MODES = ("certify", "predict")
-CERTIFY_DTYPES = ("float32", "bfloat16", "float16")
-CERTIFY_DEVICES = ("auto", "cpu", "cuda")
 MAX_BATCH = 2**20  # draws in one forward pass
 # Fields that do not change the counts' meaning: they stay out of the shard config and its hash, so a run can be
 # resumed with other values (where it runs, how it is split, how many draws go through one forward).
@@ -150,20 +139,15 @@ class CertifyConfig:
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise InputError(f"--steps {self.steps}: must be at least 1")
+            raise InputError(f"--solver-steps {self.steps}: must be at least 1")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads {self.threads}: must be at least 1")
-        if self.block_size % self.draw_batch:
-            raise InputError(f"--block-size {self.block_size} is not a multiple of --draw-batch {self.draw_batch}; "
-                             "a block must be a whole number of noise batches")
-        if self.batch < self.draw_batch:
-            raise InputError(f"--batch {self.batch} is smaller than --draw-batch {self.draw_batch}; a forward must "
-                             "hold at least one whole noise batch")
+        check_batching(self.block_size, self.draw_batch)
+        check_forward_batch(self.batch, self.draw_batch)
         if self.indices is not None:
             if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
                 raise InputError("--indices: give distinct image indices >= 0, e.g. --indices 0,20,40")
-        check_choices(self, {"mode": CERTIFY_MODES, "dtype": CERTIFY_DTYPES, "device": CERTIFY_DEVICES,
-                             "time_rule": ("nearest", "exact")}, {"time_rule": "--time"})
+        check_choices(self, {"mode": MODES, "dtype": DTYPES, "device": DEVICES, "time_rule": TIME_RULES})
         if self.early_stop is not None:
             if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, (int, float)) or \
                     not 0.0 < float(self.early_stop) < 0.5:  # also refuses NaN
@@ -192,9 +176,29 @@ class CertifyConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+MAX_INDICES = 10**7  # --indices longer than this: use --skip and --max-images
+
+
+def parse_indices(text: str | None) -> tuple | None:
+    """``"0,5,10-19"`` -> (0, 5, 10, 11, ..., 19); None stays None."""
+    if text is None:
+        return None
+    out = []
+    try:
+        for item in (t.strip() for t in text.split(",")):
+            lo, dash, hi = item.partition("-")
+            part = range(int(lo), int(hi) + 1) if dash else [int(item)]
+            if len(out) + len(part) > MAX_INDICES:
+                raise InputError(f"--indices {text[:40]!r}: more than {MAX_INDICES:,} indices; use --skip and "
+                                 "--max-images for large selections")
+            out.extend(part)
+    except ValueError:
+        raise InputError(f"--indices {text!r}: give comma-separated indices or ranges, e.g. --indices 0,5,10-19") \
+            from None
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------------------- finetune
-FINETUNE_LOSSES = ("lpips", "l2", "l1")
-LPIPS_NETS = ("vgg", "alex")
 # Fields that may change between a run and its resumption without changing what is trained: where it runs, how
 # often it logs/evaluates/checkpoints (and with which classifier), and how many steps it goes to (no learning-rate
 # schedule depends on it).
@@ -257,8 +261,7 @@ class FinetuneConfig(TrainingConfig):
     def __post_init__(self):
         check_training(self, ("steps", "batch_size", "nodes", "ranks_per_node", "eval_batch", "checkpoint_every",
                               "keep_checkpoints", "log_every"), ("eval_images", "eval_every", "lpips_resize"),
-                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": ("nearest", "exact"),
-                        "device": ("auto", "cpu", "cuda")})
+                       {"loss": FINETUNE_LOSSES, "lpips_net": LPIPS_NETS, "time_rule": TIME_RULES, "device": DEVICES})
 
     def run_dict(self) -> dict:
         """The fields that define *what* is trained; a checkpoint resumes only under an equal ``run_dict``."""
@@ -270,9 +273,9 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
     object.__setattr__(cfg, "sigmas", tuple(float(s) for s in cfg.sigmas))
     bad = [s for s in cfg.sigmas if not 0 < s < math.inf]
     if not cfg.sigmas or bad:
-        raise InputError(f"--sigmas {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
+        raise InputError(f"--sigma {','.join(map(str, cfg.sigmas)) or '(empty)'}: "
                          f"{'%g is not positive (or not finite); ' % bad[0] if bad else ''}give one or more "
-                         "positive pixel-space noise levels, e.g. --sigmas 0.25,0.5,1.0")
+                         "positive pixel-space noise levels, e.g. --sigma 0.25,0.5,1.0")
     for name in positive:
         if int(getattr(cfg, name)) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
@@ -294,12 +297,3 @@ def check_training(cfg, positive: tuple, non_negative: tuple, choices: dict) -> 
     check_label_policy(cfg.purifier_label)
     if not 0 <= int(cfg.seed) < 2**63:
         raise InputError(f"--seed {cfg.seed}: must be in [0, 2**63)")
-
-
-def check_choices(cfg, choices: dict, flags: dict | None = None) -> None:
-    """:class:`InputError` naming the option when a field of ``cfg`` is not one of its ``choices[field]``; the option
-    is ``--field-name`` unless ``flags`` names it."""
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
-            raise InputError(f"{flag} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 GREEN, RED = (0.0, 0.7, 0.0), (0.85, 0.0, 0.0)
 
@@ -34,7 +34,8 @@ def make_grid(dataset: str, classifier: str, purifiers: list, sigma: float, imag
     import torch
 
     from cpcluster.jobs.quality import image_noise
-    from cpcluster.models.purifiers import LabelPolicy, configured_purifier
+    from cpcluster.models.purifier_base import LabelPolicy
+    from cpcluster.models.purifiers import configured_purifier
     from cpcluster.models.specs import load_classifier, load_dataset, load_denoiser
 
     if not purifiers:
@@ -115,7 +116,7 @@ def grid_png(arrays: dict, scale: int = 4) -> bytes:
 
 def write_grid(arrays: dict, png: str, scale: int = 4) -> tuple[str, str]:
     """Write ``png`` and ``<png without .png>.npz`` (atomically); returns both paths."""
-    from cpcluster.shards import write_bytes_atomic
+    from cpcluster.util.fileio import write_bytes_atomic
 
     if not png.endswith(".png"):
         raise InputError(f"--out {png}: name a .png file (the arrays go beside it as .npz)")
@@ -127,4 +128,20 @@ def write_grid(arrays: dict, png: str, scale: int = 4) -> tuple[str, str]:
     image = grid_png(arrays, scale)
     write_bytes_atomic(npz, raw.getvalue())
     write_bytes_atomic(png, image)
+    return png, npz
+
+
+def draw_grid(purifiers, sigma: float, image_ids, out: str, dataset: str = "demo", classifier: str = "demo",
+              seed: int = 0, time_rule: str = "nearest", purifier_label: str = "random", steps: int | None = None,
+              device: str = "cpu", scale: int = 4, echo=print) -> tuple[str, str]:
+    """``cpcluster grid``: the grid of ``purifiers`` (``[NAME=]KIND[:DENOISER]`` texts, one row each) written to
+    ``out`` (PNG) and beside it (``.npz``); says per row how often the classifier is right. Returns both paths."""
+    from cpcluster.orchestrate.quality import parse_purifier
+
+    rows = [parse_purifier(p) for p in purifiers]
+    arrays = make_grid(dataset, classifier, rows, sigma, image_ids, seed, time_rule, purifier_label, steps, device)
+    png, npz = write_grid(arrays, out, scale)
+    for name, k in zip(arrays["rows"], arrays["correct"].sum(axis=1)):
+        echo(f"{name}: classifier right on {k} of {arrays['correct'].shape[1]}")
+    echo(f"wrote {png} and {npz}")
     return png, npz

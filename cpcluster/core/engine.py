@@ -2,7 +2,7 @@
 
 For each unit ``[image, stream, block, n_draws]`` (see :mod:`cpcluster.sharding.plan`) the engine draws the unit's
 noise batches on the device, each from a generator in the state of batch ``(seed, image, stream, j)``
-(:mod:`cpcluster.noise`, :mod:`cpcluster.sharding.seeds`), adds them to the clean image, runs the
+(:mod:`cpcluster.core.noise`, :mod:`cpcluster.sharding.seeds`), adds them to the clean image, runs the
 base classifier ``f(x + delta) = clf(D(x + delta))`` and counts ``argmax`` labels with ``torch.bincount`` on the
 device. Only finished units' counts (C int64 values each) go to the host, through ``on_unit``.
 
@@ -26,11 +26,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cpcluster.errors import InputError
-from cpcluster.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
-from cpcluster.sharding.seeds import unit_batches
+from cpcluster.core.choices import DTYPES, check_choice
+from cpcluster.core.noise import BatchGenerator, draw_noise  # noqa: F401 (draw_noise: what the engine draws)
+from cpcluster.sharding.seeds import check_forward_batch, unit_batches
 
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST = {name: None if name == "float32" else getattr(torch, name) for name in DTYPES}  # --dtype -> autocast
 
 
 def needs_generator(model: Callable, probe: torch.Tensor) -> bool:
@@ -70,7 +70,7 @@ class CountingEngine:
     Parameters
     ----------
     model : ``model(x_noisy, generator=None) -> logits``; x_noisy (B, C, H, W) pixel space ``x + delta``
-        (not clamped), logits (B, num_classes). Normally a :class:`cpcluster.models.purifiers.SmoothedBase`.
+        (not clamped), logits (B, num_classes). Normally a :class:`cpcluster.models.purifier_base.SmoothedBase`.
     images : (M, C, H, W) float32 pixel-space [0, 1] clean images, already on the device the engine runs on.
     image_ids : (M,) dataset indices of ``images`` (the ``image`` of a unit names a row through this).
     sigma : pixel-space noise standard deviation.
@@ -85,11 +85,8 @@ class CountingEngine:
     def __init__(self, model: Callable, images: torch.Tensor, image_ids: Sequence[int], *, sigma: float,
                  seed: int, block_size: int, draw_batch: int, batch: int, num_classes: int,
                  dtype: str = "float32", per_batch_generator: bool | None = None):
-        if batch < draw_batch:
-            raise InputError(f"--batch {batch} is smaller than --draw-batch {draw_batch}; a forward must hold at "
-                             "least one whole noise batch")
-        if dtype not in DTYPES:
-            raise InputError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        check_forward_batch(batch, draw_batch)
+        check_choice("--dtype", dtype, DTYPES)
         self.model = model
         self.images = images.to(torch.float32)
         self.device = images.device
@@ -97,7 +94,7 @@ class CountingEngine:
         self.sigma, self.seed = float(sigma), int(seed)
         self.block_size, self.draw_batch, self.batch = int(block_size), int(draw_batch), int(batch)
         self.num_classes = int(num_classes)
-        self.autocast = DTYPES[dtype]
+        self.autocast = AUTOCAST[dtype]
         if per_batch_generator is None:
             per_batch_generator = needs_generator(model, self.images[:1])
         self.per_batch_generator = per_batch_generator

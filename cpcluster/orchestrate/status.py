@@ -14,7 +14,7 @@ A shard is in one of :data:`STATES`:
 * ``missing``: nothing written and no job recorded for it.
 
 Sources, in this order: the job records ``<run>/jobs.jsonl`` and SLURM's view of those jobs
-(:func:`cpcluster.slurm_jobs.query_job_states`), then the files. SLURM is asked first because a job writes its
+(:func:`cpcluster.orchestrate.slurm_jobs.query_job_states`), then the files. SLURM is asked first because a job writes its
 shard before it ends: a job seen COMPLETED is then always seen with its file. A job unknown to SLURM counts as not
 visible yet for :data:`UNKNOWN_GRACE_S` after its submission (accounting lags), as gone afterwards.
 
@@ -27,32 +27,16 @@ node's scratch folder, so their progress is visible only on the node that ran th
 from __future__ import annotations
 
 import calendar
-import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from cpcluster.errors import InputError
-from cpcluster.fileio import parse_json, read_regular
-from cpcluster.shards import unplanned_units
+from cpcluster.orchestrate.shard_files import ShardFiles, held_locks, shard_files
+from cpcluster.util.errors import InputError
 
 STATES = ("complete", "running", "pending", "partial", "failed", "missing")
 RESUBMITTABLE = frozenset({"failed", "missing", "partial"})  # nothing works on them and they are unfinished
 UNKNOWN_GRACE_S = 120.0
 LOCK_HELD = "lock held on this machine"
-
-
-@dataclass(frozen=True)
-class ShardFiles:
-    """What the files of one shard say: ``kind`` is ``complete``, ``journal``, ``none`` or ``bad``."""
-
-    kind: str
-    units: int = 0
-    draws: int = 0
-    draws_per_s: float | None = None
-    locked: bool = False  # a process on this machine holds the shard's lock (it is running here)
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,16 +109,11 @@ def load_run(run_dir: str):
     The plan is recomputed from the record (image selection from the dataset size it names) and checked against
     the record's unit and draw totals.
     """
-    from cpcluster.config import CertifyConfig
-    from cpcluster.runs import RUN_FILE, read_run
+    from cpcluster.core.runs import RUN_FILE, recorded_run
     from cpcluster.sharding.plan import plan_from_config
 
-    record = read_run(run_dir)
-    if record is None:
-        raise InputError(f"{run_dir}: no {RUN_FILE}; not a certify run folder (give the <out>/<name> folder that "
-                         "`cpcluster certify` printed)")
+    record, config = recorded_run(run_dir)
     try:
-        config = CertifyConfig.from_dict({**record["certify_config"], "run_dir": run_dir})
         if not isinstance(record.get("config_hash"), str):
             raise TypeError("config_hash is not a string")
         plan = plan_from_config(record["shard_config"], config.num_shards)
@@ -146,109 +125,6 @@ def load_run(run_dir: str):
         raise InputError(f"{run_dir}/{RUN_FILE}: its plan does not match its own totals (written by another "
                          "version?); rerun `cpcluster certify` with --overwrite")
     return record, config, plan
-
-
-# ------------------------------------------------------------------------------------------------------ files
-def _held_locks() -> set:
-    """``(major, minor, inode)`` of every file with a ``flock`` lock on this machine (``/proc/locks``)."""
-    held = set()
-    try:
-        with open("/proc/locks") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return held
-    for line in lines:
-        parts = line.split()
-        if "FLOCK" not in parts or "->" in parts:  # "->" marks a waiter, not a holder
-            continue
-        for part in parts:
-            fields = part.split(":")
-            if len(fields) == 3:
-                try:
-                    held.add((int(fields[0], 16), int(fields[1], 16), int(fields[2])))
-                except ValueError:
-                    pass
-    return held
-
-
-def _locked(path: str, held: set) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
-
-
-def _read_complete(url: str, config_hash: str, planned: np.ndarray) -> ShardFiles:
-    """A finished shard file, checked as ``certify``, ``resubmit`` and ``aggregate`` check it
-    (:func:`cpcluster.runs.verified_shard`)."""
-    from cpcluster.runs import ShardMismatch, verified_shard
-    from cpcluster.shards import read_shard
-
-    def bad(e: InputError, what: str) -> ShardFiles:
-        reason = str(e).removeprefix(f"{url}: ").removesuffix("; re-run that shard")
-        return ShardFiles("bad", detail=f"{what}{reason}; resubmit counts it again")
-
-    try:
-        shard = read_shard(url)
-    except InputError as e:
-        return bad(e, "shard file unreadable: ")
-    try:
-        verified_shard(url, config_hash, planned, shard)
-    except ShardMismatch as e:
-        return ShardFiles("bad", detail=str(e).removeprefix(f"{url}: "))
-    except InputError as e:
-        return bad(e, "")
-    rate = shard.shard.get("draws_per_s")
-    saved = int(shard.skipped[:, 3].sum())  # early stopping: planned, decided, not counted
-    return ShardFiles("complete", len(shard.units) + len(shard.skipped), int(shard.units[:, 3].sum()) + saved,
-                      float(rate) if isinstance(rate, (int, float)) and rate > 0 else None,
-                      detail=f"{saved:,} draws skipped by early stopping" if saved else "")
-
-
-def shard_files(run_dir: str, index: int, total: int, config_hash: str, planned: np.ndarray,
-                held: set | None = None) -> ShardFiles:
-    """The file state of shard ``index`` of ``total`` (planned units ``planned``): its HDF5 file, else its journal
-    (and lock). A journal holding units its shard does not plan is ``bad``, as the shard job refuses it."""
-    from cpcluster.shards import _journal_path, exists, join_url, read_journal, shard_name
-
-    url = join_url(run_dir, shard_name(index, total))
-    if exists(url):
-        return _read_complete(url, config_hash, planned)
-    journal = _journal_path(url, None)
-    locked = _locked(journal + ".lock", _held_locks() if held is None else held)
-    try:
-        state = read_journal(journal)
-    except InputError as e:
-        return ShardFiles("bad", locked=locked, detail=str(e))
-    if state is None:
-        return ShardFiles("none", locked=locked)
-    if state.header.get("config_hash") != config_hash:
-        return ShardFiles("bad", locked=locked, detail="journal of another run configuration")
-    outside = unplanned_units(state.units, planned)
-    if len(outside):
-        return ShardFiles("bad", locked=locked, detail=f"{journal}: holds units outside this shard's plan "
-                          f"(first {tuple(int(v) for v in state.units[outside[0]])}); delete it")
-    draws = int(state.units[:, 3].sum())
-    return ShardFiles("journal", len(state.units), draws, _journal_speed(journal, state, draws), locked)
-
-
-def _journal_speed(journal: str, state, draws: int) -> float | None:
-    """Draws/s of the latest session that wrote ``journal``: its new draws over its start -> the last write.
-
-    The session (start time, draws already recorded) is in the lock file the job writes when it starts; without
-    one (a journal from an older version), the journal header's first start is used.
-    """
-    start, before = (state.header.get("shard") or {}).get("start_time"), 0
-    try:
-        session = parse_json(read_regular(journal + ".lock", max_bytes=4096), "lock file")
-        start, before = float(session["start_time"]), int(session["draws_at_start"])
-    except (InputError, ValueError, KeyError, TypeError, OverflowError):
-        pass
-    if not isinstance(start, (int, float)) or draws <= before:
-        return None
-    elapsed = os.path.getmtime(journal) - start
-    return (draws - before) / elapsed if elapsed > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------- decision
@@ -268,14 +144,14 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
     files : ShardFiles
     record : dict or None
         The shard's latest SLURM job record (``jobs.jsonl``), None when it never went to SLURM.
-    job : cpcluster.slurm_jobs.JobState or None
+    job : cpcluster.orchestrate.slurm_jobs.JobState or None
         SLURM's view of ``record``'s job; None when SLURM does not know it (or was not asked).
     queried : bool
         Whether SLURM answered; False means the states come from the files alone.
     now : float
         Unix time of the check (for the grace period of a job not visible yet).
     """
-    from cpcluster.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
+    from cpcluster.orchestrate.slurm_jobs import COMPLETED, PENDING_STATES, RUNNING_STATES
 
     if files.kind == "complete":
         return "complete", files.detail
@@ -308,7 +184,7 @@ def decide(files: ShardFiles, record: dict | None, job, queried: bool, now: floa
 
 
 def _latest_slurm_records(run_dir: str) -> dict:
-    from cpcluster.slurm_jobs import read_jobs
+    from cpcluster.orchestrate.slurm_jobs import read_jobs
 
     latest = {}
     for r in read_jobs(run_dir):
@@ -322,7 +198,7 @@ def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[
 
     Raises :class:`InputError` for a folder without a readable ``run.json`` (before anything else is read).
     """
-    from cpcluster.slurm_jobs import query_job_states
+    from cpcluster.orchestrate.slurm_jobs import query_job_states
 
     loaded = [(run_dir, *load_run(run_dir)) for run_dir in run_dirs]
     records = {run_dir: _latest_slurm_records(run_dir) for run_dir, *_ in loaded}
@@ -331,7 +207,7 @@ def collect(run_dirs, use_slurm: bool = True, now: float | None = None) -> list[
     queried = states is not None
     slurm = "unused" if not ids or not use_slurm else "reachable" if queried else "unreachable"
     now = time.time() if now is None else now
-    held = _held_locks()
+    held = held_locks()
     out = []
     for run_dir, record, config, plan in loaded:
         draws = plan.shard_draws()

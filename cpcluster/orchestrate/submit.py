@@ -2,7 +2,7 @@
 
 Executors (``--executor``):
 
-* ``slurm``: one job array per run through submitit (:mod:`cpcluster.slurm` builds the executor, splits arrays
+* ``slurm``: one job array per run through submitit (:mod:`cpcluster.orchestrate.slurm` builds the executor, splits arrays
   above ``MaxArraySize`` and records job ids); the command returns once the arrays are queued.
 * ``local``: submitit's :class:`LocalExecutor`, one subprocess per shard, at most ``workers`` at a time (one per
   GPU, or one on a CPU-only machine), each pinned to its own GPU; the command waits for them.
@@ -20,22 +20,21 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from cpcluster.errors import InputError
+from cpcluster.core.choices import EXECUTORS, check_choice
+from cpcluster.util.errors import InputError
 
-EXECUTORS = ("auto", "local", "slurm", "debug")
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # local jobs are not time-limited in practice
 POLL_S = 0.5
 
 
 def choose_executor(requested: str) -> tuple[str, str]:
     """``(executor, reason)`` for ``--executor requested`` (``auto`` looks for a reachable SLURM)."""
-    if requested not in EXECUTORS:
-        raise InputError(f"--executor {requested!r}: use one of {', '.join(EXECUTORS)}")
+    check_choice("--executor", requested, EXECUTORS)
     if requested != "auto":
         return requested, "as requested"
     if shutil.which("sbatch") is None:
         return "local", "auto: no SLURM here (sbatch is not on PATH)"
-    from cpcluster.slurm import slurm_reachable
+    from cpcluster.orchestrate.slurm_jobs import slurm_reachable
 
     if not slurm_reachable():
         return "local", "auto: sbatch is on PATH but the SLURM controller does not answer (sinfo)"
@@ -45,7 +44,7 @@ def choose_executor(requested: str) -> tuple[str, str]:
 def refuse_process_local(out: str, kind: str) -> None:
     """InputError for an ``--out`` that only this process can see (``memory://``) when jobs run in other processes
     (every executor but ``debug``): they would write where nobody reads, and nothing would be kept."""
-    from cpcluster.fileio import process_local
+    from cpcluster.util.fileio import process_local
 
     if kind != "debug" and process_local(out, "--out"):
         raise InputError(f"--out {out}: lives in this process's memory, but the {kind} executor runs the jobs in "
@@ -154,7 +153,8 @@ def run_debug(tasks: Sequence[Task], poll: Callable[[], None] | None = None) -> 
 
 def submit_slurm(tasks: Sequence[Task], options) -> list:
     """Submit ``tasks`` (all with the same log folder) as SLURM job arrays; return the submitit jobs."""
-    from cpcluster.slurm import make_executor, submit_array
+    from cpcluster.orchestrate.slurm import make_executor
+    from cpcluster.orchestrate.slurm_arrays import submit_array
 
     if not tasks:
         return []

@@ -53,7 +53,7 @@ def check_cpu_layout() -> None:
     if not torch.equal(a, b) or not torch.equal(torch.randint(2**31, (64,), generator=ref),
                                                 torch.randint(2**31, (64,), generator=mine)):
         raise RuntimeError(f"torch {torch.__version__} lays out its CPU generator state differently from what "
-                           "cpcluster.noise expects; noise batches cannot be seeded (report this with the version)")
+                           "cpcluster.core.noise expects; noise batches cannot be seeded (report this with the version)")
     _layout_ok = True
 
 

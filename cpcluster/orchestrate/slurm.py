@@ -5,15 +5,14 @@ limit, GPUs, CPUs, memory, constraint, array throttle, extra ``#SBATCH`` options
 
 * :func:`make_executor` builds the ``submitit.AutoExecutor`` (``"slurm"``, or ``"local"``/``"debug"`` for tests),
   with the parameters of :func:`executor_parameters`;
-* :func:`submit_array` submits a list of callables as one job array, or as several when the list is longer than
-  the cluster's ``MaxArraySize`` (:func:`cluster_max_array_size`, :func:`split_array`) -- submitit alone does not
-  split, and ``sbatch`` refuses an oversized array. A refused ``sbatch`` (unknown partition, account, QOS
-  limit...) becomes an :class:`~cpcluster.errors.InputError` carrying SLURM's own message in one line;
-* :func:`cpcluster.slurm_dryrun.render_sbatch` returns the sbatch scripts :func:`submit_array` would submit,
-  without a cluster (``--dry-run``); they are produced by submitit's own code, so they are the same text;
-* :func:`record_jobs` / :func:`read_jobs` keep the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
-  commands (``status``, ``resubmit``) find them; they live in :mod:`cpcluster.slurm_jobs` with the job-state
-  queries (``squeue``/``sacct``) and are re-exported here.
+* :func:`cpcluster.orchestrate.slurm_arrays.submit_array` submits a list of callables as one job array, or as
+  several when the list is longer than the cluster's ``MaxArraySize`` -- submitit alone does not split, and
+  ``sbatch`` refuses an oversized array. A refused ``sbatch`` (unknown partition, account, QOS limit...) becomes
+  an :class:`~cpcluster.util.errors.InputError` carrying SLURM's own message in one line;
+* :func:`cpcluster.orchestrate.slurm_dryrun.render_sbatch` returns the sbatch scripts ``submit_array`` would
+  submit, without a cluster (``--dry-run``); they are produced by submitit's own code, so they are the same text;
+* :mod:`cpcluster.orchestrate.slurm_jobs` keeps the submitted job ids in ``<run_dir>/jobs.jsonl`` so that later
+  commands (``status``, ``resubmit``) find them, and asks SLURM (``squeue``/``sacct``) where they stand.
 
 Jobs of several tasks (multi-node fine-tuning) run under ``srun --kill-on-bad-exit=1``: a rank that fails ends the
 job, instead of leaving its peers in a collective until the time limit.
@@ -26,20 +25,15 @@ from what they wrote to disk, never from memory. Note: with ``time_min`` under 1
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from cpcluster.errors import InputError
-from cpcluster.sharding.arrays import DEFAULT_MAX_ARRAY_SIZE, split_array  # the one chunking rule (re-exported)
-from cpcluster.slurm_jobs import JOBS_FILE, read_jobs, record_jobs, slurm_reachable  # noqa: F401 (re-exported)
+from cpcluster.core.choices import EXECUTORS
+from cpcluster.util.errors import InputError
 
-CLUSTERS = ("slurm", "local", "debug")
+CLUSTERS = tuple(e for e in EXECUTORS if e != "auto")  # what make_executor builds
 
 # sbatch options that SlurmOptions sets through a field (use the field), or that submitit manages itself
 # (changing them would break its bookkeeping of arrays, logs and the preemption signal).
@@ -207,7 +201,7 @@ def executor_parameters(options: SlurmOptions) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _executor_init_kwargs(options: SlurmOptions, cluster: str) -> dict:
+def executor_init_kwargs(options: SlurmOptions, cluster: str) -> dict:
     kwargs: dict = {}
     if cluster in ("slurm", "local"):
         kwargs[f"{cluster}_max_num_timeout"] = options.max_num_timeout
@@ -230,136 +224,13 @@ def make_executor(folder, options: SlurmOptions, cluster: str = "slurm"):
     if cluster == "slurm" and shutil.which("srun") is None:
         raise InputError("the slurm executor needs SLURM's `srun` on PATH: run on a login node of the cluster "
                          "or use the local executor")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **_executor_init_kwargs(options, cluster))
-    _update(executor, options)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **executor_init_kwargs(options, cluster))
+    apply_options(executor, options)
     return executor
 
 
-def _update(executor, options: SlurmOptions) -> None:
+def apply_options(executor, options: SlurmOptions) -> None:
     try:
         executor.update_parameters(**executor_parameters(options))
     except (ValueError, NameError, AssertionError) as e:
         raise InputError(f"submitit refused the SLURM options: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------- array sizes
-def parse_max_array_size(config_text: str) -> int | None:
-    """``MaxArraySize`` from the text of ``scontrol show config``; None when it is not there."""
-    match = re.search(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", config_text, flags=re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def cluster_max_array_size(timeout_s: float = 20.0) -> int:
-    """The cluster's ``MaxArraySize`` (``scontrol show config``); :data:`DEFAULT_MAX_ARRAY_SIZE` when unreadable.
-
-    An array may hold at most this many tasks (indices ``0 .. MaxArraySize - 1``).
-    """
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return DEFAULT_MAX_ARRAY_SIZE
-    value = parse_max_array_size(out.stdout) if out.returncode == 0 else None
-    return value if value and value > 0 else DEFAULT_MAX_ARRAY_SIZE
-
-
-# ------------------------------------------------------------------------------------------------ submission
-def _sbatch_message(error: BaseException) -> str:
-    """SLURM's own words from a failed submitit submission, as one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
-
-
-@contextlib.contextmanager
-def _cleanup_on_failure(folder):
-    """Remove the pickles/scripts that a refused submission leaves in submitit's folder."""
-    folder = str(folder)
-    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    try:
-        yield
-    except BaseException:
-        if os.path.isdir(folder):
-            for name in set(os.listdir(folder)) - before:
-                if name.endswith((".pkl", ".sh")):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(folder, name))
-        raise
-
-
-def _per_array_parallelism(total: int, n_arrays: int) -> int:
-    """Split a bound of ``total`` running tasks over ``n_arrays`` arrays (each throttled on its own by SLURM).
-
-    The sum stays <= ``total`` unless ``total < n_arrays`` (then one task per array runs at a time).
-    """
-    return max(1, total // max(1, n_arrays))
-
-
-def _cancel(jobs: Sequence) -> None:
-    """Cancel submitted jobs: whole arrays with one ``scancel`` on SLURM, job by job elsewhere."""
-    slurm = [j for j in jobs if type(j).__name__ == "SlurmJob"]
-    if slurm:
-        ids = sorted({str(j.job_id).partition("_")[0] for j in slurm})
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
-    for job in jobs:
-        if job not in slurm:
-            with contextlib.suppress(Exception):
-                job.cancel(check=False)
-
-
-def submit_array(executor, callables: Sequence, max_array_size: int | None = None) -> list:
-    """Submit ``callables`` (picklable, no arguments) as job arrays of at most ``max_array_size`` tasks each.
-
-    Parameters
-    ----------
-    executor : submitit.AutoExecutor
-        From :func:`make_executor`.
-    callables : sequence of callables
-        One array task each, in order; a chunk of one callable is submitted as a plain (non-array) job.
-    max_array_size : int, optional
-        Default: :func:`cluster_max_array_size` on SLURM, no limit on other executors.
-
-    Returns
-    -------
-    list of submitit.Job
-        One per callable, in the order of ``callables`` (ids ``"<array id>_<task>"`` or ``"<job id>"``).
-
-    Raises
-    ------
-    InputError
-        When ``sbatch`` refuses a submission; the message is SLURM's. Arrays already submitted by this call are
-        cancelled first, so a refused call leaves nothing queued.
-    """
-    from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
-
-    callables = list(callables)
-    cluster = getattr(executor, "cluster", "slurm")
-    if max_array_size is None:
-        max_array_size = cluster_max_array_size() if cluster == "slurm" else max(1, len(callables))
-    folder = JobPaths.get_first_id_independent_folder(executor.folder)
-    backend = getattr(executor, "_executor", executor)
-    chunks = split_array(len(callables), max_array_size)
-    throttle = backend.parameters.get("array_parallelism") if cluster == "slurm" else None
-    jobs: list = []
-    try:
-        if throttle is not None:  # keep the user's bound on running tasks across all the arrays
-            backend.parameters["array_parallelism"] = _per_array_parallelism(throttle, len(chunks))
-        for k, chunk in enumerate(chunks):
-            try:
-                # submitit prints sbatch's stderr before raising: keep it out of the one-line error
-                with _cleanup_on_failure(folder), contextlib.redirect_stderr(io.StringIO()):
-                    jobs.extend(executor.submit_array([callables[i] for i in chunk]))
-            except (FailedJobError, FailedSubmissionError) as e:
-                _cancel(jobs)
-                where = f" (array {k + 1} of {len(chunks)}; the {k} submitted before were cancelled)" if k else ""
-                raise InputError(f"SLURM refused the job{where}: {_sbatch_message(e)}") from None
-    finally:
-        if throttle is not None:
-            backend.parameters["array_parallelism"] = throttle
-    return jobs
-
-
-__all__ = [
-    "DEFAULT_MAX_ARRAY_SIZE", "FORWARD_USR2_SETUP", "JOBS_FILE", "SlurmOptions", "cluster_max_array_size",
-    "executor_parameters", "make_executor", "parse_max_array_size", "parse_sbatch_options", "read_jobs",
-    "record_jobs", "slurm_reachable", "split_array", "submit_array",
-]

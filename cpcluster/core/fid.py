@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

@@ -9,15 +9,15 @@
   shard's counting time; with the shard attribute's device type and network evaluations per draw it is the cost
   ``aggregate`` reports. A file without it has no cost figures.
 
-Written by :func:`cpcluster.shards.encode_shard`; read (size-checked before allocating) by
-:func:`cpcluster.shards.read_shard`, which checks them with :func:`check_skipped` and :func:`check_seconds`; whether a
+Written by :func:`cpcluster.core.shards.encode_shard`; read (size-checked before allocating) by
+:func:`cpcluster.core.shards.read_shard`, which checks them with :func:`check_skipped` and :func:`check_seconds`; whether a
 skip is justified by the counts is the aggregator's check (:func:`cpcluster.aggregate.skipping.verify`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 SKIP_REASONS = (1, 2)
 EXTRAS = ("skipped", "unit_seconds")

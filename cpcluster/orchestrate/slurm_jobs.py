@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from cpcluster.errors import InputError
+from cpcluster.util.errors import InputError
 
 JOBS_FILE = "jobs.jsonl"
 
@@ -78,8 +78,7 @@ def record_jobs(run_dir: str, jobs: Sequence, tags: Sequence[dict] | None = None
     (e.g. ``{"shard": 3, "sigma": 0.5}``). The file is rewritten through a temporary name (readers see the old
     or the new file, never a torn line); concurrent writers on a local filesystem are serialized by a lock file.
     """
-    from cpcluster.fileio import filesystem, read_regular
-    from cpcluster.shards import join_url, write_bytes_atomic
+    from cpcluster.util.fileio import filesystem, join_url, read_regular, write_bytes_atomic
 
     if tags is not None and len(tags) != len(jobs):
         raise ValueError(f"record_jobs: {len(jobs)} jobs but {len(tags)} tags")
@@ -104,8 +103,7 @@ def read_jobs(run_dir: str) -> list[dict]:
     Every line must be a JSON object whose ``job_id`` is a string or an integer (returned as a string) and whose
     ``shard``, when present, is an integer; anything else is an :class:`InputError` naming the file and the line.
     """
-    from cpcluster.fileio import filesystem, parse_json, read_regular
-    from cpcluster.shards import join_url
+    from cpcluster.util.fileio import filesystem, join_url, parse_json, read_regular
 
     url = join_url(str(run_dir), JOBS_FILE)
     fs, path = filesystem(url)
