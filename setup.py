@@ -14,10 +14,13 @@ setup(
     packages=[
         "cpcluster",
         "cpcluster.cli",
+        "cpcluster.orchestrate",
+        "cpcluster.core",
         "cpcluster.models",
         "cpcluster.models.archs",
         "cpcluster.convert",
         "cpcluster.demo",
+        "cpcluster.util",
         "cpcluster.jobs",
         "cpcluster.sharding",
         "cpcluster.aggregate",

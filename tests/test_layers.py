@@ -192,3 +192,12 @@ def test_numpy_only_layers_never_import_torch():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{module}: {n}" for n in names if n.split(".")[0] == "torch"]
     assert not offenders, offenders
+
+
+def test_setup_py_installs_every_package():
+    """A non-editable ``pip install .`` gets every package folder (setup.py lists them by hand)."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read())
+    listed = next(ast.literal_eval(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "packages")
+    packages = {m for m, (_, is_package) in MODULES.items() if is_package}
+    assert packages == set(listed), f"setup.py packages: missing {packages - set(listed)}, extra {set(listed) - packages}"
