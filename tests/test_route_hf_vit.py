@@ -123,3 +123,53 @@ def test_unresized_input_of_the_wrong_size_is_refused_before_running(tmp_path):
         assert res.exit_code == 2, res.output
         assert "the classifier takes 48x48 images but they reach it unresized at 32x32; add resize=48" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_classifier_finetuning_of_the_vit_exports_a_self_contained_folder(tmp_path, cifar):
+    """CLS-FT of the released-format ViT (2 SGD steps, Gaussian augmentation), then the released folder is deleted:
+    the export still loads -- the ViT and its input transform rebuilt from the export's base/ files -- with the
+    trained weights, certifies, and a fine-tuning of the export (the chain) is self-contained too. An altered base
+    file is refused."""
+    import json
+    import shutil
+
+    from cpcluster.core.config_evidence import ClassifierFinetuneConfig
+    from cpcluster.jobs.finetune_classifier import ClassifierFinetuneJob
+    from cpcluster.models.specs import load_classifier
+    from test_finetune_ddp import final_state, max_difference
+
+    released = copy_folder("vit-cifar10", tmp_path / "released")
+    spec = f"hf-vit:{released}?interp=bicubic"
+    common = dict(denoiser=None, purifier="none", data=cifar, eval_data=cifar, sigmas=(0.5,), steps=2, batch_size=4,
+                  optimizer="sgd", lr=0.05, eval_images=0, eval_every=0, checkpoint_every=2, log_every=1)
+    ClassifierFinetuneJob(ClassifierFinetuneConfig(classifier=spec, out=str(tmp_path / "ft"), **common))()
+    trained = final_state(str(tmp_path / "ft"))["net"]
+    before = load_classifier(spec)
+    assert max_difference(before.module.state_dict(), trained) > 0  # the steps changed the weights
+    export = str(tmp_path / "ft" / "final")
+    assert sorted(os.listdir(os.path.join(export, "base"))) == ["config.json", "preprocessor_config.json"]
+    shutil.rmtree(released)
+
+    loaded = load_classifier(f"finetuned:{export}")
+    assert max_difference(loaded.module.state_dict(), trained) == 0.0
+    assert loaded.module.transform.interp == "bicubic" and loaded.module.transform.size == (32, 32)
+    images = torch.rand(2, 3, 32, 32)
+    before.module.load_state_dict(trained)  # the released architecture with the trained weights
+    with torch.no_grad():
+        assert torch.equal(loaded.module(images), before.module(images))
+    summary = certify_and_aggregate("", str(tmp_path / "results"), "ft-vit", dataset=cifar,
+                                    classifier=f"finetuned:{export}", purifier="none")
+    assert summary["groups"][0]["images_evaluated"] == 3
+
+    ClassifierFinetuneJob(ClassifierFinetuneConfig(classifier=f"finetuned:{export}", out=str(tmp_path / "ft2"),
+                                                   **common))()
+    again = load_classifier(f"finetuned:{tmp_path}/ft2/final")
+    assert again.finetuned["base"] == spec and again.module.transform.interp == "bicubic"
+
+    with open(os.path.join(export, "base", "config.json")) as fh:
+        config = json.load(fh)
+    with open(os.path.join(export, "base", "config.json"), "w") as fh:
+        json.dump({**config, "num_hidden_layers": 200}, fh)
+    res = CliRunner().invoke(main, ["inspect", "--purifier", "none", "--classifier", f"finetuned:{export}",
+                                    "--dataset", cifar, "--sigma", "0.5"])
+    assert res.exit_code == 2 and "the folder was altered" in res.output, res.output

@@ -13,8 +13,9 @@ A file may name data and weights, never code, so the base spec rebuilds the arch
 * ``demo``, ``demo-random`` -- the built-in :class:`~cpcluster.demo.nets.DemoClassifier`;
 * ``timm:NAME[:CKPT][?options]`` -- ``timm.create_model(NAME, pretrained=False)`` with the spec's options; the
   checkpoint it names is not read;
-* ``hf-vit:DIR[?options]`` -- the released transformers ViT folder (data: its config and weights are read, then the
-  export's weights replace them).
+* ``hf-vit:DIR[?options]`` -- the export carries the released folder's ``config.json`` and
+  ``preprocessor_config.json`` in ``base/`` (their sha256 in ``base_files``), so the ViT and its input transform are
+  rebuilt from the export alone: the released folder need not exist where the export is certified.
 
 A ``python:`` or ``torchscript:`` base is code: the folder cannot choose to run it, so the user repeats it on the
 command line, ``--classifier 'finetuned:DIR|python:my.module:factory'``, and it must equal the recorded spec.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 
+from cpcluster.models.archs import assign_state
 from cpcluster.models.loaded import LoadedClassifier
 from cpcluster.models.specs import load_classifier
 from cpcluster.models.weights import apply_state_dict, load_state_dict, read_json_object, sha256_bytes
@@ -34,6 +36,8 @@ WEIGHTS_FILE = "classifier.safetensors"
 META_FILE = "cpcluster.json"
 WHAT = "--classifier finetuned:"
 CODE_KINDS = ("python", "torchscript")
+BASE_FOLDER = "base"  # hf-vit bases: the released folder's small JSON files, copied into the export
+BASE_FILES = ("config.json", "preprocessor_config.json")
 
 
 def _join(folder: str, name: str) -> str:
@@ -118,14 +122,61 @@ def export_finetuned_classifier(folder: str, state: dict, base: LoadedClassifier
     what it was trained behind (denoiser spec and sha256, purifier kind, sigmas).
     """
     spec, digest = root_base(base)
+    base_files = _copy_base_files(folder, base, spec)
     raw = state_bytes(state, f"{FORMAT}/{which}")
     meta = export_record(FORMAT, {"spec": spec, "sha256": digest, "kind": spec.partition(":")[0],
                                   "started_from": base.spec},
                          {"file": WEIGHTS_FILE, "sha256": sha256_bytes(raw), "which": which}, step, config,
                          {"num_classes": int(base.num_classes),
                           "transform": {k: v for k, v in base.transform.items() if k != "random_init"},
-                          "purifier": purifier, **(extra or {})})
+                          "purifier": purifier, **({"base_files": base_files} if base_files else {}),
+                          **(extra or {})})
     return write_export(folder, WEIGHTS_FILE, raw, meta)
+
+
+def _copy_base_files(folder: str, base: LoadedClassifier, spec: str) -> dict:
+    """hf-vit roots: copy ``config.json`` (and ``preprocessor_config.json`` when present) into ``folder/base/``, from
+    the released folder or from the export ``base`` was loaded from; ``{name: sha256}``. Other kinds: ``{}``."""
+    from cpcluster.models.transforms import TRANSFORM_KEYS, split_options
+    from cpcluster.util.fileio import MAX_JSON_BYTES, exists, read_regular, write_bytes_atomic
+
+    if spec.partition(":")[0] != "hf-vit":
+        return {}
+    if base.finetuned is not None and base.finetuned.get("folder"):
+        source = _join(base.finetuned["folder"], BASE_FOLDER)
+    else:
+        source = split_options(spec.partition(":")[2], f"--classifier {spec}", TRANSFORM_KEYS)[0].rstrip("/")
+    copied = {}
+    for name in BASE_FILES:
+        url = _join(source, name)
+        if exists(url):
+            raw = read_regular(url, f"--classifier {spec}", MAX_JSON_BYTES)
+            write_bytes_atomic(_join(_join(folder, BASE_FOLDER), name), raw)
+            copied[name] = sha256_bytes(raw)
+    return copied
+
+
+def _recorded_vit(folder: str, meta: dict, base_spec: str):
+    """``(module, num_classes)``: the ViT of an hf-vit export rebuilt from ``folder/base/`` (sha256-checked), its
+    input transform from those files and the base spec's options; the ViT is on the meta device until the export's
+    weights are assigned."""
+    from cpcluster.models.hf_vit import vit_architecture
+    from cpcluster.models.transforms import TRANSFORM_KEYS, split_options
+    from cpcluster.util.fileio import MAX_JSON_BYTES, read_regular
+
+    files = meta["base_files"]
+    if not isinstance(files, dict) or "config.json" not in files or not set(files) <= set(BASE_FILES):
+        raise InputError(f"{WHAT}{folder}: {META_FILE} base_files must name config.json (and "
+                         "preprocessor_config.json); re-export it")
+    for name, recorded in files.items():
+        url = _join(_join(folder, BASE_FOLDER), name)
+        if sha256_bytes(read_regular(url, f"{WHAT}{folder}", MAX_JSON_BYTES)) != recorded:
+            raise InputError(f"{WHAT}{folder}: {url} differs from the sha256 in {META_FILE}; the folder was altered, "
+                             "re-export it")
+    what = f"{WHAT}{folder} (base {base_spec})"
+    options = split_options(base_spec.partition(":")[2], what, TRANSFORM_KEYS)[1]
+    module, kwargs, _ = vit_architecture(_join(folder, BASE_FOLDER), options, what)
+    return module, kwargs["num_classes"]
 
 
 def architecture_spec(folder: str, base_spec: str, repeated: str) -> str:
@@ -154,14 +205,23 @@ def load_finetuned_classifier(argument: str) -> LoadedClassifier:
     base_spec = meta["base"].get("spec")
     if not isinstance(base_spec, str) or not base_spec:
         raise InputError(f"{WHAT}{folder}: cpcluster.json names no base classifier spec")
-    build = architecture_spec(folder, base_spec, repeated)
+    recorded = not repeated and base_spec.partition(":")[0] == "hf-vit" and "base_files" in meta
+    build = None if recorded else architecture_spec(folder, base_spec, repeated)
     state, digest, url = load_checked_weights(folder, meta, WHAT)
-    base = load_classifier(build)
-    if base.num_classes != meta.get("num_classes"):
-        raise InputError(f"{WHAT}{folder}: {build} has {base.num_classes} classes, the export {meta.get('num_classes')}")
-    apply_state_dict(base.module, state, url, f"{WHAT} weights")
-    base.module.eval().requires_grad_(False)
+    if recorded:
+        module, num_classes = _recorded_vit(folder, meta, base_spec)
+    else:
+        base = load_classifier(build)
+        module, num_classes = base.module, base.num_classes
+    if num_classes != meta.get("num_classes"):
+        raise InputError(f"{WHAT}{folder}: {build or base_spec} has {num_classes} classes, the export "
+                         f"{meta.get('num_classes')}")
+    if recorded:
+        assign_state(module, state, f"{WHAT}{folder}: {url}")
+    else:
+        apply_state_dict(module, state, url, f"{WHAT} weights")
+    module.eval().requires_grad_(False)
     info = {"base": base_spec, "base_sha256": meta["base"].get("sha256"), "step": meta.get("step"),
-            "weights": meta["weights"].get("which"), "purifier": meta.get("purifier")}
-    return LoadedClassifier(base.module, base.num_classes, sha256=digest, transform=meta.get("transform") or {},
+            "weights": meta["weights"].get("which"), "purifier": meta.get("purifier"), "folder": folder}
+    return LoadedClassifier(module, num_classes, sha256=digest, transform=meta.get("transform") or {},
                             finetuned=info)

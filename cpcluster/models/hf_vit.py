@@ -130,28 +130,40 @@ def build_vit(kwargs: dict, what: str, meta_device: bool = False) -> nn.Module:
     return VisionTransformer(**args, norm_layer=norm)
 
 
+def vit_architecture(folder: str, options: dict, what: str) -> tuple[nn.Module, dict, dict]:
+    """``(module, kwargs, transform)`` from the folder's ``config.json`` and ``preprocessor_config.json`` (or the
+    spec ``options``): a :class:`TransformedClassifier` whose ViT lives on the meta device (no weights read)."""
+    from cpcluster.models.hf_vit_layout import vit_kwargs
+    from cpcluster.models.weights import read_json_object
+    from cpcluster.util.fileio import exists, join_url
+
+    config_url = join_url(folder, "config.json")
+    if not exists(config_url):
+        raise InputError(f"{what}: no config.json in {folder}; expected a ViTForImageClassification folder saved "
+                         "with save_pretrained (as on the Hugging Face hub)")
+    kwargs = vit_kwargs(read_json_object(config_url, what), what)
+    transform = input_transform(folder, options, kwargs["img_size"], what)
+    net = build_vit(kwargs, what, meta_device=True)
+    return TransformedClassifier(InputTransform(transform), net), kwargs, transform
+
+
 def load_hf_vit(folder: str, options: dict, what: str) -> LoadedClassifier:
     """The :class:`LoadedClassifier` of a ``ViTForImageClassification`` folder (see the module docstring)."""
     from cpcluster.models.archs import assign_state
-    from cpcluster.models.hf_vit_layout import check_state, timm_state, vit_kwargs
-    from cpcluster.models.weights import load_sharded_state_dict, load_state_dict, read_json_object
+    from cpcluster.models.hf_vit_layout import check_state, timm_state
+    from cpcluster.models.weights import load_sharded_state_dict, load_state_dict
     from cpcluster.util.fileio import exists, join_url
 
     root = folder.rstrip("/")
-    config_url = join_url(root, "config.json")
-    if not exists(config_url):
-        raise InputError(f"{what}: no config.json in {root}; expected a ViTForImageClassification folder saved "
-                         "with save_pretrained (as on the Hugging Face hub)")
-    kwargs = vit_kwargs(read_json_object(config_url, what), what)
-    transform = input_transform(root, options, kwargs["img_size"], what)
+    module, kwargs, transform = vit_architecture(root, options, what)
     name = next((n for n in (*WEIGHT_NAMES, *INDEX_NAMES) if exists(join_url(root, n))), None)
     if name is None:
         raise InputError(f"{what}: no {' or '.join(WEIGHT_NAMES)} (or a sharded *.index.json) in {root}")
     url = join_url(root, name)
     state, digest = (load_sharded_state_dict if name.endswith(".index.json") else load_state_dict)(url, what)
     state, ignored = check_state(state, kwargs, f"{what}: {url}")
-    net = assign_state(build_vit(kwargs, what, meta_device=True), timm_state(state, kwargs), what)
-    module = TransformedClassifier(InputTransform(transform), net).eval().requires_grad_(False)
+    assign_state(module.net, timm_state(state, kwargs), what)
+    module.eval().requires_grad_(False)
     architecture = {"timm": "VisionTransformer", "kwargs": kwargs, "input_size": [kwargs["img_size"]] * 2,
                     "weights_file": name, "source_format": "transformers ViTForImageClassification"}
     if ignored:
