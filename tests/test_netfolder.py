@@ -41,6 +41,7 @@ def test_round_trip_gives_the_same_network(tmp_path, make):
     assert back.meta["grid_steps"] == den.meta["grid_steps"]
     assert back.architecture == den.architecture
     assert torch.equal(_forward(back, x), _forward(den, x))
+    assert back.meta["in_channels"] == x.shape[1]
     assert not any(p.requires_grad for p in back.module.parameters())
     # spec options override the recorded metadata
     assert load_denoiser(f"net:{tmp_path / 'net'}?grid_steps=40").meta["grid_steps"] == 40
@@ -103,3 +104,29 @@ def test_convert_refuses_a_source_that_is_not_a_regular_file(tmp_path):
         with pytest.raises(InputError, match="not a regular file"):
             run_conversion("flax-ncsnpp", str(source), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_every_architecture_says_where_its_image_channels_are():
+    from cpcluster.models.archs import ARCHITECTURES, IMAGE_CHANNELS, image_channels
+
+    assert set(IMAGE_CHANNELS) == set(ARCHITECTURES)
+    assert image_channels("edm-precond", {"precond_kwargs": {"img_channels": 1}}) == 1
+    assert image_channels("edm-precond", {"precond_kwargs": {"img_channels": True}}) is None
+    assert image_channels("openai-unet", {}) == 3 and image_channels("demo-unet", {}) == 1
+
+
+def test_a_denoiser_for_other_channels_is_refused_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from cpcluster.cli import main
+
+    den = load_denoiser("diffusers:" + save_unet(str(tmp_path / "unet"), scheduler=CM_SCHEDULER))  # 3 channels
+    _export(den, tmp_path / "net")
+    common = ["--denoiser", f"net:{tmp_path / 'net'}", "--classifier", "demo-random", "--dataset", "demo",
+              "--sigma", "0.5"]
+    res = CliRunner().invoke(main, ["certify", *common, "--executor", "debug", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("Error: ") == 1, res.output
+    assert "takes 3-channel images but --dataset demo has 1 channels" in res.output
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(main, ["inspect", *common])
+    assert res.exit_code == 2 and "dataset images have 1 channels but the denoiser takes 3" in res.output, res.output

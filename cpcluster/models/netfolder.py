@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from cpcluster.models.archs import ARCHITECTURES, assign_state, build_architecture, first_mismatch
+from cpcluster.models.archs import ARCHITECTURES, assign_state, build_architecture, first_mismatch, image_channels
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.weights import load_state_dict, read_json_object, sha256_bytes
 from cpcluster.util.errors import InputError
@@ -113,7 +113,8 @@ def load_network_folder(folder: str, options: dict, what: str) -> LoadedDenoiser
         raise InputError(f"{what}: {url} has sha256 {digest[:12]}..., but {META_FILE} records "
                          f"{record['weights']['sha256'][:12]}...; the folder was altered, convert or export it again")
     assign_state(module, state, what)
-    info = {**meta, "architecture": record["architecture"]}
+    info = {**meta, "in_channels": image_channels(record["architecture"], record["arch_config"]),
+            "architecture": record["architecture"]}
     for key in ("source", "finetuned"):  # small identity records; they go into every run config
         if isinstance(record.get(key), dict):
             info[key] = record[key]

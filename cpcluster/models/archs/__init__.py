@@ -28,6 +28,25 @@ ARCHITECTURES: dict[str, str] = {
     "ncsnpp": "cpcluster.models.archs.ncsnpp",
 }
 
+# Where each architecture's config gives the channel count C of the images it takes: (key path, builder default).
+IMAGE_CHANNELS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "diffusers-unet2d": (("in_channels",), 3),
+    "demo-unet": (("channels",), 1),
+    "openai-unet": (("in_channels",), 3),
+    "edm-precond": (("precond_kwargs", "img_channels"), None),
+    "ncsnpp": (("num_channels",), 3),
+}
+
+
+def image_channels(name: str, config: dict) -> int | None:
+    """C of the (B, C, H, W) images architecture ``name`` with ``config`` takes (a config :func:`build_architecture`
+    accepted), or None where the config does not say."""
+    path, default = IMAGE_CHANNELS.get(name, ((), None))
+    value = config
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
 
 def build_architecture(name: str, config: dict, what: str, meta_device: bool = False) -> nn.Module:
     """The module of architecture ``name`` with ``config``; on the meta device (no memory) if ``meta_device``."""
