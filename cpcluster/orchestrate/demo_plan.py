@@ -43,7 +43,7 @@ class DemoPlan:
     n0: int = 100
     n: int = 500
     alpha: float = 0.001
-    shards: int = 3  # per sigma and purifier (run by the local executor, `workers` at a time)
+    shards: int = 2  # per sigma and purifier (run by the local executor, `workers` at a time)
     draw_batch: int = 100
     batch: int = 400
     radii: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -56,7 +56,7 @@ FINETUNE_COMMON = dict(model="demo", data="demo:train", eval_data="demo", loss="
                        keep_checkpoints=1, device="cpu")
 CLS_FT_COMMON = dict(classifier="demo", data="demo:train", eval_data="demo", optimizer="radam", lr=1e-3,
                      eval_every=0, keep_checkpoints=1, device="cpu")
-FULL = DemoPlan("full", skip=5, n0=100, n=500, shards=3,
+FULL = DemoPlan("full", skip=5, n0=100, n=500, shards=2,
                 finetune=dict(FINETUNE_COMMON, steps=300, batch_size=32, lr=1e-3, ema_decay=0.99, eval_images=250,
                               eval_batch=125, ranks_per_node=2),
                 evidence=EvidencePlan(cls_ft=dict(CLS_FT_COMMON, steps=60, batch_size=32, eval_images=250,
