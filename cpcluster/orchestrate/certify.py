@@ -63,11 +63,11 @@ def certify_runs(configs: list[CertifyConfig], executor: str, slurm: dict, *, wo
     from cpcluster.orchestrate import rundir
     from cpcluster.orchestrate.submit import choose_executor, refuse_process_local
 
+    models = runs.load_models(configs[0])
+    resolved = [runs.resolve(c, models) for c in configs]  # every check of the request before asking SLURM
     kind, reason = choose_executor(executor)
     for config in configs:
         refuse_process_local(config.run_dir, kind)
-    models = runs.load_models(configs[0])
-    resolved = [runs.resolve(c, models) for c in configs]
     if dry_run:
         print_plan(resolved, models, kind, reason, slurm, echo)
         return
