@@ -71,6 +71,8 @@ _PARSERS = {"channel_mult": _int_list, "attention_resolutions": _int_list, "num_
 OPTIONS = {
     "preset": "the released checkpoint: " + ", ".join(PRESETS),
     **{key: "architecture override (upstream constructor argument; lists as 1,2,2)" for key in KEYS},
+    "attention_resolutions": "architecture override: the downsampling rates with attention, as the UNet constructor "
+                             "takes them (the script flag --attention_resolutions 16,8 at image_size 32 is 2,4)",
     "rescale_timesteps": "DDPM presets: true feeds the network t * 1000 / T (improved-diffusion), false feeds t",
 }
 
