@@ -92,3 +92,12 @@ def test_finetune_commands_take_sigma_and_the_old_sigmas(monkeypatch, tmp_path):
         result = CliRunner().invoke(main, ["finetune", "--model", "demo-random", *base, *spelling])
         assert result.exit_code == 0, result.output
     assert [c.sigmas for c in configs] == [(0.25, 0.5)] * 3
+
+
+def test_solver_steps_take_a_number_or_grid_and_refuse_anything_else(certify_calls):
+    grid, _ = certify_calls("--sigma", "0.5", "--purifier", "pf-ode", "--solver-steps", "grid")
+    assert grid["steps"] == "grid"
+    for bad in ("gird", "0", "-3"):
+        result = CliRunner().invoke(main, ["certify", "--sigma", "0.5", "--purifier", "pf-ode", "--solver-steps", bad])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert result.exit_code == 2 and len(errors) == 1 and "--solver-steps" in errors[0], result.output

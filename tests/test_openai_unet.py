@@ -88,6 +88,23 @@ def test_onestep_ddpm_matches_upstream_pred_xstart(nets, name):
         torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["id_uncond", "id_cond"])
+def test_onestep_ddpm_exact_rule_runs_carlinis_code(nets, name):
+    """--time-rule exact: the input scaled to model-space noise exactly 2 sigma, the network at Carlini et al.'s
+    rounded timestep (1984 at sigma 0.5, where the reference has upstream's pred_xstart), x0 from that step's abar."""
+    ref, den = reference(name), nets[name]
+    i = [float(s) for s in ref["sigmas_pixel"]].index(0.5)
+    label = int(ref["labels"][i]) if "labels" in ref else 0
+    purifier = OneStepDDPMPurifier(den, 0.5, time_rule="exact", label_policy=LabelPolicy(f"fixed:{label}"))
+    assert purifier.t == ref["timesteps"][i] and purifier.scale == pytest.approx(1 / np.sqrt(2.0), rel=1e-15)
+    assert purifier.scale != pytest.approx(np.sqrt(purifier.abar_t), rel=1e-6)  # not the step's own marginal
+    x_noisy = (_t(ref["x"][i:i + 1]) / purifier.scale + 1) / 2  # so that the purifier's x_t is upstream's
+    with torch.no_grad():
+        out = purifier(x_noisy)
+    expected = (_t(ref["pred_xstart"][i:i + 1]).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
+
+
 def test_pf_ode_on_an_improved_diffusion_network_gets_the_rescaled_time(nets):
     """pf-ode reads a DDPM network as D(x, sigma_j); at the reference timesteps D equals upstream's pred_xstart."""
     ref, den = reference("id_uncond"), nets["id_uncond"]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cpcluster.models.consistency import ConsistencyFunction
-from cpcluster.models.ddpm import alphas_cumprod, ddpm_betas, onestep_timestep
+from cpcluster.models.ddpm import alphas_cumprod, carlini_timestep, ddpm_betas, onestep_timestep
 from cpcluster.models.loaded import LoadedClassifier, LoadedDenoiser
 from cpcluster.models.purifier_base import LabelPolicy, SmoothedBase
 from cpcluster.models.purifiers import PURIFIERS, build_purifier
@@ -106,6 +106,23 @@ def test_onestep_timestep_is_first_reaching(sigma, schedule):
         return
     t = onestep_timestep(abar, sigma)
     assert ratio[t] >= 2 * sigma and (t == 0 or ratio[t - 1] < 2 * sigma)
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0, 2.0])
+def test_exact_rule_timestep_is_carlinis_closed_form(sigma):
+    """Cosine schedule: round(t*) of the continuous time t* at which improved-diffusion's abar(t) = f(t/T)/f(0)
+    equals 1 / (1 + 4 sigma^2), solved here numerically; other schedules: the step with the nearest abar."""
+    from scipy.optimize import brentq
+
+    steps, target = 4000, 1 / (1 + 4 * sigma**2)
+    f = lambda t: math.cos((t / steps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    t_star = brentq(lambda t: f(t) / f(0) - target, 0, steps, xtol=1e-10)
+    cosine = alphas_cumprod(ddpm_betas("cosine", steps))
+    assert carlini_timestep(cosine, sigma) == round(t_star)
+    assert abs(carlini_timestep(cosine, sigma) - onestep_timestep(cosine, sigma)) <= 1
+    linear = alphas_cumprod(ddpm_betas("linear", 1000))
+    j = carlini_timestep(linear, sigma)
+    assert abs(linear[j] - target) == min(abs(a - target) for a in linear)
 
 
 class OracleNet(nn.Module):
@@ -214,6 +231,38 @@ def test_network_evaluations_per_image_are_what_the_purifiers_report():
             pur(x)
             assert pur.nfe == len(calls) == (2 * k - 1 if solver == "heun" else k)
     assert build_purifier("none", None, 0.5).nfe == 0
+
+
+def test_grid_steps_walk_the_rest_of_the_training_grid_like_the_papers_pf_ode():
+    """--solver-steps grid: from the point of the N-point Karras grid nearest 2 sigma, Heun along every later grid
+    point down to t_min, then Euler into 0 (the paper's PF-ODE EDM code): the same times as the explicit K."""
+    calls = []
+
+    class Counting(GaussianDenoiser):
+        def forward(self, x, t, labels):
+            calls.append(t)
+            return super().forward(x, t, labels)
+
+    den = LoadedDenoiser(Counting(0.3, 0.7, True), "edm", {"c_noise": "edm", "preconditioned": True,
+                                                             "num_classes": None, "grid_steps": 18}, spec="x")
+    i = np.arange(18)
+    grid = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # descending, t_max to t_min
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    for sigma in (0.25, 0.5, 1.0):
+        start = int(np.argmin(np.abs(grid - 2 * sigma)))
+        walk = build_purifier("pf-ode", den, sigma, steps="grid")
+        assert walk.times == pytest.approx([*grid[start:], 0.0], rel=1e-12)
+        explicit = build_purifier("pf-ode", den, sigma, steps=18 - start)
+        assert walk.times == explicit.times and walk.describe()["steps"] == 18 - start
+        calls.clear()
+        out = walk(x)
+        assert walk.nfe == len(calls) == 2 * (18 - start) - 1  # Heun on every grid interval, Euler into 0
+        assert torch.equal(out, explicit(x))
+    with pytest.raises(InputError, match="--time-rule nearest"):
+        build_purifier("pf-ode", den, 0.5, steps="grid", time_rule="exact")
+    no_grid = LoadedDenoiser(GaussianDenoiser(0, 1, True), "edm", {"c_noise": "edm", "num_classes": None}, spec="y")
+    with pytest.raises(InputError, match="grid_steps"):
+        build_purifier("pf-ode", no_grid, 0.5, steps="grid")
 
 
 def test_pf_ode_refuses_bad_inputs(folders):

@@ -13,7 +13,7 @@ import functools
 
 import click
 
-from cpcluster.core.choices import EXECUTORS, TIME_RULES
+from cpcluster.core.choices import EXECUTORS, SOLVER_STEPS_GRID, TIME_RULES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 SLURM_KEYS = ("partition", "account", "time_min", "array_parallelism", "sbatch_extra")
@@ -40,10 +40,28 @@ def time_rule_option(fn):
                         help="t_sigma: the training-grid point nearest 2 sigma, or exactly 2 sigma.")(fn)
 
 
+class SolverSteps(click.ParamType):
+    """``K`` (an integer >= 1) or ``grid``."""
+
+    name = "K|grid"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == SOLVER_STEPS_GRID:
+            return value
+        try:
+            steps = int(value)
+        except ValueError:
+            steps = 0
+        if steps < 1:
+            self.fail(f"{value!r}: give a number of steps >= 1, or 'grid'", param, ctx)
+        return steps
+
+
 def solver_steps_option(*aliases: str, dest: str = "steps"):
-    """``--solver-steps K`` (hidden ``aliases``): steps of the pf-ode purifier; received as ``dest``."""
-    return click.option("--solver-steps", *aliases, dest, cls=AliasedOption, type=click.IntRange(min=1),
-                        default=None, help="Solver steps of the pf-ode purifier [default: 10].")
+    """``--solver-steps K|grid`` (hidden ``aliases``): steps of the pf-ode purifier; received as ``dest``."""
+    return click.option("--solver-steps", *aliases, dest, cls=AliasedOption, type=SolverSteps(), default=None,
+                        help="Solver steps of the pf-ode purifier [default: 10]; 'grid': the rest of the network's "
+                             "training grid from t_sigma (needs --time-rule nearest and grid_steps).")
 
 
 def sigma_option(*aliases: str, default=None, help="Pixel-space noise level (images in [0,1]).", **kwargs):

@@ -28,6 +28,18 @@ def check_label_policy(text) -> str:
     return text
 
 
+SOLVER_STEPS_GRID = "grid"  # pf-ode: walk the rest of the network's training grid from t_sigma (the paper's PF-ODE)
+
+
+def check_solver_steps(value, flag: str = "--solver-steps"):
+    """pf-ode solver steps: None (the purifier's default), an integer >= 1, or ``"grid"``; InputError otherwise."""
+    if value is None or value == SOLVER_STEPS_GRID:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{flag} {value!r}: give a number of steps >= 1, or 'grid' (the rest of the training grid)")
+    return value
+
+
 def check_choice(option: str, value, allowed) -> None:
     """:class:`InputError` naming ``option`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from cpcluster.core.choices import (AGGREGATE_FORMATS, DEVICES, DTYPES, FINETUNE_LOSSES, LPIPS_NETS, MODES, TIME_RULES,
-                                    check_choices, check_label_policy)
+                                    check_choices, check_label_policy, check_solver_steps)
 from cpcluster.core.journal import MAX_DRAWS  # draws one unit may hold, so also per image and stream
 from cpcluster.sharding.seeds import MAX_BATCH as MAX_NOISE_BATCHES  # noise batches per (image, stream)
 from cpcluster.sharding.seeds import check_batching, check_forward_batch
@@ -98,7 +98,7 @@ class CertifyConfig:
     classifier: str = "demo"
     purifier: str = "consistency"
     time_rule: str = "nearest"
-    steps: int | None = None
+    steps: int | str | None = None  # pf-ode solver steps, or "grid"
     purifier_label: str = "random"
     mode: str = "certify"
     early_stop: float | None = None  # max alpha: skip estimation that cannot change the table (aggregate/skipping.py)
@@ -138,8 +138,7 @@ class CertifyConfig:
                              f"{-(-max(self.n, self.n0) // MAX_NOISE_BATCHES)} or more")
         if self.max_images is not None and (not isinstance(self.max_images, int) or self.max_images < 1):
             raise InputError(f"--max-images {self.max_images}: must be at least 1 (leave it out for all images)")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise InputError(f"--solver-steps {self.steps}: must be at least 1")
+        check_solver_steps(self.steps)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"threads {self.threads}: must be at least 1")
         check_batching(self.block_size, self.draw_batch)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cpcluster.core.choices import BATCHNORM_MODES, DEVICES, LPIPS_NETS, OPTIMIZERS, SCHEDULES, TIME_RULES, check_choices
+from cpcluster.core.choices import (BATCHNORM_MODES, DEVICES, LPIPS_NETS, OPTIMIZERS, SCHEDULES, TIME_RULES,
+                                    check_choices, check_solver_steps)
 from cpcluster.core.config import TrainingConfig, check_training
 from cpcluster.models.purifiers import PURIFIER_NAMES
 from cpcluster.util.errors import InputError
@@ -38,7 +39,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
     out: str
     denoiser: str | None = "demo"
     purifier: str = "consistency"
-    purifier_steps: int | None = None  # pf-ode solver steps
+    purifier_steps: int | str | None = None  # pf-ode solver steps, or "grid"
     sigmas: tuple = (0.25, 0.5, 1.0)
     steps: int = 2000
     batch_size: int = 64
@@ -80,8 +81,7 @@ class ClassifierFinetuneConfig(TrainingConfig):
             raise InputError(f"--weight-decay {self.weight_decay}: must be 0 or more")
         if not 0 < self.lr_gamma <= 1:
             raise InputError(f"--lr-gamma {self.lr_gamma}: must be in (0, 1]")
-        if self.purifier_steps is not None and self.purifier_steps < 1:
-            raise InputError(f"--solver-steps {self.purifier_steps}: must be at least 1")
+        check_solver_steps(self.purifier_steps)
         if self.purifier == "none":
             object.__setattr__(self, "denoiser", None)
         elif not self.denoiser:
@@ -122,7 +122,7 @@ class QualityConfig:
     max_images: int | None = None
     indices: tuple | None = None
     seed: int = 0
-    purifier_steps: int | None = None
+    purifier_steps: int | str | None = None  # pf-ode solver steps, or "grid"
     time_rule: str = "nearest"
     purifier_label: str = "random"
     lpips_net: str = "vgg"
@@ -137,6 +137,7 @@ class QualityConfig:
     def __post_init__(self):
         if self.purifier not in QUALITY_PURIFIERS:
             raise InputError(f"--purifier {self.purifier!r}: use one of {', '.join(QUALITY_PURIFIERS)}")
+        check_solver_steps(self.purifier_steps)
         if self.purifier == "clean":
             object.__setattr__(self, "sigma", None)
             object.__setattr__(self, "denoiser", None)

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from cpcluster.models import ddpm as _ddpm
-from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_MIN, model_to_pixel, pixel_to_model, time_for_sigma
+from cpcluster.core.choices import SOLVER_STEPS_GRID
+from cpcluster.models.consistency import (C_NOISE, RHO, SIGMA_MIN, karras_grid, model_to_pixel, pixel_to_model,
+                                          time_for_sigma)
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifier_base import DenoiserPurifier, LabelPolicy
 from cpcluster.util.errors import InputError
@@ -106,6 +108,17 @@ class DDPMDenoiser(nn.Module):
         return _ddpm.ddpm_x0(self.net(x_t, steps, labels).to(x.dtype), x_t, abar, self.prediction)
 
 
+def grid_points_from(t_start: float, denoiser: LoadedDenoiser, time_rule: str) -> int:
+    """``--solver-steps grid``: how many points of the network's N-point Karras training grid lie at or below
+    ``t_start`` (itself a grid point); K Karras-spaced times from ``t_start`` to ``t_min`` are then exactly those
+    points, the walk of the paper's PF-ODE code (DESIGN.md section 1)."""
+    grid_size = denoiser.meta.get("grid_steps")
+    if time_rule != "nearest" or not grid_size:
+        raise InputError(f"--solver-steps grid walks the training grid from its point nearest 2 sigma: use --time-rule "
+                         f"nearest with a network that has grid_steps (e.g. --denoiser '{denoiser.spec}?grid_steps=18')")
+    return int(np.sum(karras_grid(int(grid_size)) <= t_start * (1 + 1e-12)))
+
+
 class PFODEPurifier(DenoiserPurifier):
     """``pf-ode``: ``steps`` Heun (or Euler) steps of the probability-flow ODE from ``t_0`` to 0.
 
@@ -117,8 +130,9 @@ class PFODEPurifier(DenoiserPurifier):
     def __init__(self, denoiser: LoadedDenoiser, sigma: float, steps: int | None = None, time_rule: str = "nearest",
                  solver: str = "heun", label_policy: LabelPolicy = LabelPolicy(), **_):
         super().__init__()
-        steps = 10 if steps is None else int(steps)
-        if steps < 1:
+        grid_walk = steps == SOLVER_STEPS_GRID
+        steps = 10 if steps is None else steps if grid_walk else int(steps)
+        if not grid_walk and steps < 1:
             raise InputError(f"--solver-steps {steps}: the pf-ode purifier needs at least 1 step")
         if solver not in SOLVERS:
             raise InputError(f"pf-ode solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
@@ -131,8 +145,13 @@ class PFODEPurifier(DenoiserPurifier):
                 raise InputError(f"--denoiser {denoiser.spec}: a continuous-time EDM network has no training grid "
                                  "for --time-rule nearest; use --time-rule exact (t = 2 sigma) or set grid_steps")
             t_start = time_for_sigma(sigma, denoiser.meta.get("grid_steps"), time_rule)
+            if grid_walk:
+                steps = grid_points_from(t_start, denoiser, time_rule)
             times = karras_times(t_start, SIGMA_MIN, steps)
         elif denoiser.kind == "ddpm":
+            if grid_walk:
+                raise InputError(f"--solver-steps grid: the schedule of DDPM network {denoiser.spec} has thousands "
+                                 "of steps; give a number of steps")
             self.time_rule = "ddpm-first-reaching"
             self.D = DDPMDenoiser(denoiser)
             sig = self.D.sigmas
