@@ -289,6 +289,21 @@ def test_input_transform_quantize_resize_normalize():
     assert torch.allclose(up, F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False, antialias=True))
 
 
+@pytest.mark.parametrize("antialias", ["1", "0"])
+def test_quantize_floor_is_the_papers_vit_input(antialias):
+    """The paper's code feeds its ViT F.interpolate(((y + 1) / 2 * 255).int().float(), 224, bilinear) / 255 * 2 - 1
+    for a purified model-space y in [-1, 1]; quantize=floor, bilinear resize to 224 and mean=half give the same
+    (antialias makes no difference when upsampling)."""
+    spec = transform_from_options({"quantize": "floor", "resize": "224", "interp": "bilinear", "mean": "half",
+                                   "antialias": antialias}, "t")
+    y = torch.rand(3, 3, 32, 32) * 2 - 1  # purified, model space
+    paper = F.interpolate(((y + 1) * 0.5 * 255).int().float(), size=(224, 224), mode="bilinear") / 255 * 2 - 1
+    ours = InputTransform(spec)((y + 1) / 2)
+    torch.testing.assert_close(ours, paper, rtol=0, atol=1e-5)
+    rounded = InputTransform(dict(spec, quantize="uint8"))((y + 1) / 2)
+    assert (rounded - paper).abs().max() > 1e-3  # rounding is another classifier input
+
+
 @pytest.mark.parametrize("options, message", [
     ({"resize": "0"}, ">= 1"), ({"resize": "2x3x4"}, "HxW"), ({"interp": "lanczos"}, "interp"),
     ({"mean": "0.5"}, "std"), ({"std": "0,1"}, "positive"), ({"quantize": "uint16"}, "uint8"),

@@ -21,6 +21,7 @@ float resize), so the inputs differ only by PIL's rounding after each of its two
 pixel centres (torch's ``nearest`` agrees for integer upscaling factors only). Carlini et al.'s code does not use
 the processor at all: it feeds the [-1, 1] purified image resized by ``F.interpolate(..., (224, 224),
 mode="bicubic", antialias=True)`` -- that is ``?interp=bicubic`` here (mean = std = 0.5 maps [0, 1] to [-1, 1]).
+The Consistency Purification paper's code feeds ``(255 x).int()``, bilinearly upsampled: ``?quantize=floor``.
 
 The loaded module takes pixel space (B, C, H, W) in [0, 1] and returns logits (B, num_labels).
 """

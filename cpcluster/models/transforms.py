@@ -7,7 +7,9 @@ A classifier's input transform is part of its spec, so it is hashed into the run
 Transform keys (all optional; applied in this order to the pixel-space image in [0, 1]):
 
 * ``quantize=uint8`` -- clamp to [0, 1] and round to 1/255 steps (as if the purified image were saved as a PNG);
-  ``none`` (default) leaves the input untouched (plain randomized smoothing feeds unclamped ``x + delta``).
+  ``quantize=floor`` -- clamp to [0, 1] and truncate to 1/255 steps (``floor(255 x) / 255``: the paper's code feeds
+  its ViT ``(255 x).int()``); ``none`` (default) leaves the input untouched (plain randomized smoothing feeds
+  unclamped ``x + delta``).
 * ``resize=S`` or ``resize=HxW`` -- resample with ``interp=bilinear`` (default), ``bicubic``, ``nearest`` or
   ``area``; ``antialias=1`` (default) / ``0`` for bilinear and bicubic (``F.interpolate``, align_corners=False).
 * ``mean=...&std=...`` -- ``(x - mean) / std`` per channel, inside the model. Either a preset (``imagenet``,
@@ -24,6 +26,7 @@ from torch.nn import functional as F
 from cpcluster.util.errors import InputError
 
 TRANSFORM_KEYS = ("resize", "interp", "antialias", "mean", "std", "quantize")
+QUANTIZE = ("none", "uint8", "floor")
 NORM_PRESETS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -122,7 +125,7 @@ def transform_from_options(options: dict, what: str, default_norm=(None, None), 
         size = dims * 2 if len(dims) == 1 else dims
     interp = parse_choice(options, "interp", INTERPOLATIONS, what)
     antialias = parse_bool(options.get("antialias", "1"), what, "antialias") and interp in ("bilinear", "bicubic")
-    quantize = parse_choice(options, "quantize", ("none", "uint8"), what)
+    quantize = parse_choice(options, "quantize", QUANTIZE, what)
     mean, std, source = *default_norm, default_source
     if "mean" in options:
         source = "spec"
@@ -138,7 +141,7 @@ def transform_from_options(options: dict, what: str, default_norm=(None, None), 
                                                                                                 "std")
     if (mean is None) != (std is None):
         raise InputError(f"{what}: give both mean and std, or neither")
-    return {"quantize": None if quantize == "none" else "uint8", "resize": size,
+    return {"quantize": None if quantize == "none" else quantize, "resize": size,
             "interp": interp if size else None, "antialias": antialias if size else None,
             "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
             "normalization_source": source if mean is not None else None,
@@ -150,7 +153,7 @@ class InputTransform(nn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        self.quantize = spec.get("quantize") == "uint8"
+        self.quantize = spec.get("quantize") if spec.get("quantize") in QUANTIZE[1:] else None
         self.size = tuple(spec["resize"]) if spec.get("resize") else None
         self.interp = spec.get("interp") or "bilinear"
         self.antialias = bool(spec.get("antialias"))
@@ -160,7 +163,8 @@ class InputTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize:
-            x = torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+            step = torch.round if self.quantize == "uint8" else torch.floor
+            x = step(x.clamp(0.0, 1.0) * 255.0) / 255.0
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
             smooth = self.interp in ("bilinear", "bicubic")
             x = F.interpolate(x, size=self.size, mode=self.interp, align_corners=False if smooth else None,
