@@ -126,7 +126,7 @@ def test_a_denoiser_for_other_channels_is_refused_before_anything_runs(tmp_path)
               "--sigma", "0.5"]
     res = CliRunner().invoke(main, ["certify", *common, "--executor", "debug", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and res.output.count("Error: ") == 1, res.output
-    assert "takes 3-channel images but --dataset demo has 1 channels" in res.output
+    assert "with --dataset demo: dataset images have 1 channels but the denoiser takes 3" in res.output
     assert not (tmp_path / "out").exists()
     res = CliRunner().invoke(main, ["inspect", *common])
     assert res.exit_code == 2 and "dataset images have 1 channels but the denoiser takes 3" in res.output, res.output

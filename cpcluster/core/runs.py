@@ -46,10 +46,10 @@ def load_models(config: CertifyConfig) -> Models:
     problem = classifier.size_problem(dataset.shape[1:])
     if problem:
         raise InputError(f"--classifier {config.classifier}: {problem}")
-    channels = denoiser.meta.get("in_channels") if denoiser is not None else None
-    if channels and channels != dataset.shape[0]:
-        raise InputError(f"--denoiser {config.denoiser} takes {channels}-channel images but --dataset "
-                         f"{config.dataset} has {dataset.shape[0]} channels; use a denoiser trained on this dataset")
+    problem = denoiser.channel_problem(dataset.shape) if denoiser is not None else None
+    if problem:
+        raise InputError(f"--denoiser {config.denoiser} with --dataset {config.dataset}: {problem}; use a denoiser "
+                         "trained on this dataset")
     return Models(dataset, denoiser, classifier)
 
 

@@ -40,6 +40,13 @@ class LoadedDenoiser:
         return {"spec": self.spec, "sha256": self.sha256, "kind": self.kind,
                 **{k: v for k, v in self.meta.items() if k != "betas"}}
 
+    def channel_problem(self, image_shape) -> str | None:
+        """Why images of shape (C, H, W) cannot reach the network, or None (also when its channels are unknown)."""
+        channels = self.meta.get("in_channels")
+        if channels and image_shape and channels != image_shape[0]:
+            return f"dataset images have {image_shape[0]} channels but the denoiser takes {channels}"
+        return None
+
 
 @dataclass
 class LoadedClassifier:

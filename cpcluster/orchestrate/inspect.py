@@ -82,12 +82,8 @@ def inspect_setup(denoiser: str | None, classifier: str, dataset: str | None, si
         report["dataset"] = data.describe()
         if data.num_classes != clf.num_classes:
             problems.append(f"dataset has {data.num_classes} classes but the classifier outputs {clf.num_classes}")
-        channels = den.meta.get("in_channels") if den is not None else None
-        if channels and data.shape and channels != data.shape[0]:
-            problems.append(f"dataset images have {data.shape[0]} channels but the denoiser takes {channels}")
-        size = clf.size_problem(data.shape[1:])
-        if size:
-            problems.append(size)
+        channels = den.channel_problem(data.shape) if den is not None else None
+        problems += [p for p in (channels, clf.size_problem(data.shape[1:])) if p]
     else:
         report["dataset"] = None
     return report
