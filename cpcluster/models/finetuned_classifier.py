@@ -157,25 +157,30 @@ def _copy_base_files(folder: str, base: LoadedClassifier, spec: str) -> dict:
 
 
 def _recorded_vit(folder: str, meta: dict, base_spec: str):
-    """``(module, num_classes)``: the ViT of an hf-vit export rebuilt from ``folder/base/`` (sha256-checked), its
-    input transform from those files and the base spec's options; the ViT is on the meta device until the export's
-    weights are assigned."""
-    from cpcluster.models.hf_vit import vit_architecture
+    """``(module, num_classes)``: the ViT of an hf-vit export rebuilt from ``folder/base/`` (each file read once and
+    sha256-checked before it is parsed), its input transform from those files and the base spec's options; the ViT
+    is on the meta device until the export's weights are assigned."""
+    from cpcluster.models.hf_vit import vit_from_records
     from cpcluster.models.transforms import TRANSFORM_KEYS, split_options
-    from cpcluster.util.fileio import MAX_JSON_BYTES, read_regular
+    from cpcluster.util.fileio import MAX_JSON_BYTES, parse_json, read_regular
 
     files = meta["base_files"]
     if not isinstance(files, dict) or "config.json" not in files or not set(files) <= set(BASE_FILES):
         raise InputError(f"{WHAT}{folder}: {META_FILE} base_files must name config.json (and "
                          "preprocessor_config.json); re-export it")
+    base = _join(folder, BASE_FOLDER)
+    records = {}
     for name, recorded in files.items():
-        url = _join(_join(folder, BASE_FOLDER), name)
-        if sha256_bytes(read_regular(url, f"{WHAT}{folder}", MAX_JSON_BYTES)) != recorded:
+        url = _join(base, name)
+        raw = read_regular(url, f"{WHAT}{folder}", MAX_JSON_BYTES)
+        if sha256_bytes(raw) != recorded:
             raise InputError(f"{WHAT}{folder}: {url} differs from the sha256 in {META_FILE}; the folder was altered, "
                              "re-export it")
+        records[name] = parse_json(raw, url)
     what = f"{WHAT}{folder} (base {base_spec})"
     options = split_options(base_spec.partition(":")[2], what, TRANSFORM_KEYS)[1]
-    module, kwargs, _ = vit_architecture(_join(folder, BASE_FOLDER), options, what)
+    module, kwargs, _ = vit_from_records(records["config.json"], records.get("preprocessor_config.json"), base,
+                                         options, what)
     return module, kwargs["num_classes"]
 
 

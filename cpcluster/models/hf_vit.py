@@ -91,14 +91,11 @@ def processor_options(processor: dict, options: dict, what: str) -> dict:
     return derived
 
 
-def input_transform(folder: str, options: dict, image_size: int, what: str) -> dict:
-    """The transform record (:func:`transform_from_options`) of the folder's processor overridden by ``options``."""
-    from cpcluster.models.weights import read_json_object
-    from cpcluster.util.fileio import exists, join_url
-
-    url = join_url(folder, PROCESSOR_FILE)
-    if exists(url):
-        derived = processor_options(read_json_object(url, what), options, what)
+def input_transform(processor: dict | None, folder: str, options: dict, image_size: int, what: str) -> dict:
+    """The transform record (:func:`transform_from_options`) of ``processor`` (the folder's
+    ``preprocessor_config.json``, None when it has none) overridden by ``options``."""
+    if processor is not None:
+        derived = processor_options(processor, options, what)
     elif "mean" in options:
         derived = {}
     else:
@@ -132,18 +129,27 @@ def build_vit(kwargs: dict, what: str, meta_device: bool = False) -> nn.Module:
 
 
 def vit_architecture(folder: str, options: dict, what: str) -> tuple[nn.Module, dict, dict]:
-    """``(module, kwargs, transform)`` from the folder's ``config.json`` and ``preprocessor_config.json`` (or the
-    spec ``options``): a :class:`TransformedClassifier` whose ViT lives on the meta device (no weights read)."""
-    from cpcluster.models.hf_vit_layout import vit_kwargs
+    """:func:`vit_from_records` of the folder's ``config.json`` and ``preprocessor_config.json`` (when present)."""
     from cpcluster.models.weights import read_json_object
     from cpcluster.util.fileio import exists, join_url
 
-    config_url = join_url(folder, "config.json")
+    config_url, processor_url = join_url(folder, "config.json"), join_url(folder, PROCESSOR_FILE)
     if not exists(config_url):
         raise InputError(f"{what}: no config.json in {folder}; expected a ViTForImageClassification folder saved "
                          "with save_pretrained (as on the Hugging Face hub)")
-    kwargs = vit_kwargs(read_json_object(config_url, what), what)
-    transform = input_transform(folder, options, kwargs["img_size"], what)
+    processor = read_json_object(processor_url, what) if exists(processor_url) else None
+    return vit_from_records(read_json_object(config_url, what), processor, folder, options, what)
+
+
+def vit_from_records(config: dict, processor: dict | None, folder: str, options: dict,
+                     what: str) -> tuple[nn.Module, dict, dict]:
+    """``(module, kwargs, transform)`` from a ``config.json`` and ``preprocessor_config.json`` record (None: the spec
+    ``options`` give the transform): a :class:`TransformedClassifier` whose ViT lives on the meta device (no weights
+    read). ``folder`` names where the records came from, in messages."""
+    from cpcluster.models.hf_vit_layout import vit_kwargs
+
+    kwargs = vit_kwargs(config, what)
+    transform = input_transform(processor, folder, options, kwargs["img_size"], what)
     net = build_vit(kwargs, what, meta_device=True)
     return TransformedClassifier(InputTransform(transform), net), kwargs, transform
 
