@@ -10,7 +10,8 @@ from __future__ import annotations
 import click
 
 from cpcluster.cli.finetune_cmd import _warn
-from cpcluster.cli.options import job_options, sigma_option, solver_steps_option, time_rule_option
+from cpcluster.cli.options import (job_options, sigma_option, solver_steps_option, time_rule_option,
+                                   training_progress_options)
 from cpcluster.core.choices import BATCHNORM_MODES, OPTIMIZERS, SCHEDULES
 from cpcluster.core.config_evidence import ClassifierFinetuneConfig
 from cpcluster.models.purifiers import PURIFIER_NAMES
@@ -43,11 +44,7 @@ from cpcluster.models.purifiers import PURIFIER_NAMES
               help="BatchNorm layers: per-rank statistics, frozen running statistics, or SyncBatchNorm (CUDA).")
 @time_rule_option
 @click.option("--purifier-label", default="random", help="Labels a class-conditional purifier sees: random or fixed:K.")
-@click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
-@click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")
-@click.option("--eval-batch", default=128, type=int)
-@click.option("--checkpoint-every", default=500, type=int, help="Checkpoint every K steps (and at the end).")
-@click.option("--log-every", default=10, type=int)
+@training_progress_options
 @click.option("--seed", default=0, type=int, help="Data order and noise.")
 @job_options
 def finetune_classifier(sigmas, gpus_per_node, ranks_per_node, submit, denoiser, purifier, **options):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from cpcluster.cli.options import job_options, sigma_option, time_rule_option
+from cpcluster.cli.options import job_options, sigma_option, time_rule_option, training_progress_options
 from cpcluster.core.choices import FINETUNE_LOSSES, LPIPS_NETS
 from cpcluster.core.config import FinetuneConfig
 
@@ -32,11 +32,7 @@ from cpcluster.core.config import FinetuneConfig
 @click.option("--purifier-label", default="random",
               help="Labels a class-conditional network sees: random or fixed:K (never the true label).")
 @click.option("--classifier", default=None, help="Classifier spec: also report accuracy of clf(purify(x+noise)).")
-@click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none).")
-@click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end).")
-@click.option("--eval-batch", default=128, type=int)
-@click.option("--checkpoint-every", default=500, type=int, help="Checkpoint every K steps (and at the end).")
-@click.option("--log-every", default=10, type=int)
+@training_progress_options
 @click.option("--seed", default=0, type=int, help="Data order, noise and the random LPIPS trunk.")
 @job_options
 def finetune(sigmas, gpus_per_node, ranks_per_node, submit, **options):

@@ -135,6 +135,17 @@ def job_options(fn):
     ])
 
 
+def training_progress_options(fn):
+    """How often a fine-tuning job evaluates, checkpoints and logs (``finetune``, ``finetune-classifier``)."""
+    return _apply(fn, [
+        click.option("--eval-images", default=256, type=int, help="Held-out images per evaluation (0: none)."),
+        click.option("--eval-every", default=500, type=int, help="Evaluate every K steps (and at the start and end)."),
+        click.option("--eval-batch", default=128, type=int),
+        click.option("--checkpoint-every", default=500, type=int, help="Checkpoint every K steps (and at the end)."),
+        click.option("--log-every", default=10, type=int),
+    ])
+
+
 def parse_sigma_list(ctx, param, values) -> tuple:
     """Click callback: ``--sigma`` values, each one number or a comma-separated list -> a tuple of floats (their
     range is checked by the configs)."""
