@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from test_finetune_ddp import final_state, max_difference
+from test_finetune_ddp import final_state, max_difference, submit_two_local_ranks
 
 from cpcluster.aggregate.finetuning import finetuning_label
 from cpcluster.aggregate.merge import method_name
@@ -140,12 +140,9 @@ def test_training_raises_the_accuracy_on_purified_images(tmp_path):
 
 
 def test_two_ranks_match_one_rank(tmp_path, reference):
-    import submitit
-
     _, _, ref = reference
-    executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
-    executor.update_parameters(tasks_per_node=2, timeout_min=5)
-    job = executor.submit(ClassifierFinetuneJob(config(tmp_path / "two", ranks_per_node=2)))
+    two_ranks = ClassifierFinetuneJob(config(tmp_path / "two", ranks_per_node=2))
+    job = submit_two_local_ranks(tmp_path / "logs", two_ranks)
     results = job.results()
     assert [(r["rank"], r["world_size"], r["step"]) for r in results] == [(0, 2, STEPS), (1, 2, STEPS)]
     assert results[0]["param_sha256"] == results[1]["param_sha256"]

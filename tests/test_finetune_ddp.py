@@ -35,6 +35,15 @@ def final_state(out):
     return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
+def submit_two_local_ranks(logs, job):
+    """``job`` as one submitit job of 2 tasks on this machine (``.results()``: one result per rank)."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=str(logs))
+    executor.update_parameters(tasks_per_node=2, timeout_min=5)
+    return executor.submit(job)
+
+
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -48,12 +57,8 @@ def reference(tmp_path_factory):
 
 
 def test_two_ranks_match_one_rank_and_each_other(tmp_path, reference):
-    import submitit
-
     _, _, ref = reference
-    executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
-    executor.update_parameters(tasks_per_node=2, timeout_min=5)
-    job = executor.submit(FinetuneJob(config(tmp_path / "two", ranks_per_node=2)))
+    job = submit_two_local_ranks(tmp_path / "logs", FinetuneJob(config(tmp_path / "two", ranks_per_node=2)))
     results = job.results()
     assert [(r["rank"], r["world_size"], r["step"]) for r in results] == [(0, 2, STEPS), (1, 2, STEPS)]
     # DDP: every rank ends with bit-identical weights (each rank also reports what the others hold)
@@ -125,19 +130,15 @@ def test_sigterm_checkpoints_the_step_it_stops_at_and_the_rerun_matches(tmp_path
 
 
 def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path, reference, monkeypatch):
-    import submitit
-
     _, _, ref = reference
     out = tmp_path / "two-terminated"
     monkeypatch.setenv(FAULT_TERM_ENV, "4")
     monkeypatch.setenv("CPCLUSTER_FAULT_KILL_RANK", "1")  # only rank 1 is signalled
-    executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
-    executor.update_parameters(tasks_per_node=2, timeout_min=5)
-    job = executor.submit(FinetuneJob(config(out, ranks_per_node=2)))
+    job = submit_two_local_ranks(tmp_path / "logs", FinetuneJob(config(out, ranks_per_node=2)))
     with pytest.raises(Exception, match="stopped by SIGTERM after step 5 of 16"):
         job.results()
     assert [s for s, _ in finetune_io.list_checkpoints(str(out))] == [5, 3]  # rank 0 wrote step 5 before exiting
     monkeypatch.delenv(FAULT_TERM_ENV)
-    job = executor.submit(FinetuneJob(config(out, ranks_per_node=2)))
+    job = submit_two_local_ranks(tmp_path / "logs", FinetuneJob(config(out, ranks_per_node=2)))
     assert [(r["start_step"], r["step"]) for r in job.results()] == [(5, STEPS), (5, STEPS)]
     assert max_difference(final_state(str(out))["net"], ref["net"]) < TOLERANCE
