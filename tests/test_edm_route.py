@@ -59,6 +59,21 @@ def test_inspect_shows_the_edm_purifiers(setup, purifier, steps, times):
     assert nearest.exit_code == 2 and nearest.output.startswith("Error: ") and "--time-rule exact" in nearest.output
 
 
+def test_pf_ode_walks_the_rest_of_the_grid_of_a_converted_edm_pickle(setup):
+    """--solver-steps grid on the converted NVlabs-format network with grid_steps=18 (the paper's PF-ODE EDM): from
+    the grid point nearest 2 sigma along every later point of the 18-point Karras grid, then 0."""
+    i = np.arange(18)
+    grid = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    common = ["--denoiser", f"net:{setup['root'] / 'edm-net'}?grid_steps=18", *setup["common"][2:-2]]
+    result = cli("inspect", *common, "--purifier", "pf-ode", "--solver-steps", "grid", "--sigma", "0.25,0.5,1.0",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    for sigma, row in zip((0.25, 0.5, 1.0), json.loads(result.output)["purifier"]["per_sigma"]):
+        start = int(np.argmin(np.abs(grid - 2 * sigma)))
+        assert row["time_rule"] == "nearest" and row["steps"] == 18 - start
+        assert row["times"] == pytest.approx([*grid[start:], 0.0], rel=1e-5)
+
+
 def test_certify_and_aggregate_both_rows(setup, tmp_path):
     out = tmp_path / "results"
     weights = setup["root"] / "edm-net" / "model.safetensors"

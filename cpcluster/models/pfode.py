@@ -130,10 +130,11 @@ class PFODEPurifier(DenoiserPurifier):
     def __init__(self, denoiser: LoadedDenoiser, sigma: float, steps: int | None = None, time_rule: str = "nearest",
                  solver: str = "heun", label_policy: LabelPolicy = LabelPolicy(), **_):
         super().__init__()
-        grid_walk = steps == SOLVER_STEPS_GRID
-        steps = 10 if steps is None else steps if grid_walk else int(steps)
-        if not grid_walk and steps < 1:
-            raise InputError(f"--solver-steps {steps}: the pf-ode purifier needs at least 1 step")
+        grid_walk = steps == SOLVER_STEPS_GRID  # the count is known once t_sigma is (EDM branch below)
+        if not grid_walk:
+            steps = 10 if steps is None else int(steps)
+            if steps < 1:
+                raise InputError(f"--solver-steps {steps}: the pf-ode purifier needs at least 1 step")
         if solver not in SOLVERS:
             raise InputError(f"pf-ode solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
         self.denoiser = denoiser
