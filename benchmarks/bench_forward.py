@@ -31,7 +31,7 @@ def build(width: int, device: str):
     from cpcluster.models.purifier_base import SmoothedBase
     from cpcluster.models.purifiers import build_purifier
     from cpcluster.models.transforms import InputTransform, TransformedClassifier, transform_from_options
-    from cpcluster.models.unet_folder import DiffusersUNet
+    from cpcluster.models.archs.diffusers_unet import DiffusersUNet
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

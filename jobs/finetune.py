@@ -23,8 +23,7 @@ import numpy as np
 from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs.finetune_eval import Evaluator
 from cpcluster.jobs.finetune_io import check_run_record
-from cpcluster.jobs.training import (DROPOUT_STREAM, FAULT_KILL_ENV, FAULT_TERM_ENV, Diverged,  # noqa: F401
-                                     FinetuneTerminated, Trainer, TrainingJob, derive_seed, digest, epoch_order,
+from cpcluster.jobs.training import (DROPOUT_STREAM, FinetuneTerminated, Trainer, TrainingJob, derive_seed,
                                      global_batch, rank_rows, rank_setup, step_draws)
 from cpcluster.util.errors import InputError
 

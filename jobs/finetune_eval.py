@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cpcluster.jobs.training import EVAL_STREAM, NOISE_STREAM, TRAIN_STREAM, derive_seed  # noqa: F401 (re-exported)
+from cpcluster.jobs.training import EVAL_STREAM, derive_seed
 from cpcluster.models.consistency import pixel_to_model
 from cpcluster.models.loaded import LoadedDenoiser
 from cpcluster.models.purifier_base import LabelPolicy

@@ -163,7 +163,8 @@ def measure(recipe: dict, folder: str) -> dict:
 
     from cpcluster.core.losses import PerceptualLoss, build_lpips
     from cpcluster.demo.models import demo_classifier, demo_denoiser, shipped
-    from cpcluster.jobs.finetune_eval import EVAL_STREAM, Evaluator, derive_seed
+    from cpcluster.jobs.finetune_eval import Evaluator
+    from cpcluster.jobs.training import EVAL_STREAM, derive_seed
     from cpcluster.models.specs import load_dataset
 
     ev, sigmas = recipe["eval"], recipe["denoiser"]["sigmas"]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
-from cpcluster.jobs.finetune import FinetuneJob, epoch_order, global_batch, preflight
-from cpcluster.jobs.finetune_eval import derive_seed
+from cpcluster.jobs.finetune import FinetuneJob, preflight
+from cpcluster.jobs.training import derive_seed, epoch_order, global_batch
 from cpcluster.models.finetuned import export_finetuned
 from cpcluster.models.purifiers import build_purifier
 from cpcluster.models.specs import load_denoiser

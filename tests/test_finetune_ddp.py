@@ -14,7 +14,8 @@ import torch
 
 from cpcluster.core.config import FinetuneConfig
 from cpcluster.jobs import finetune_io
-from cpcluster.jobs.finetune import FAULT_KILL_ENV, FAULT_TERM_ENV, FinetuneJob
+from cpcluster.jobs.finetune import FinetuneJob
+from cpcluster.jobs.training import FAULT_KILL_ENV, FAULT_TERM_ENV
 
 torch.set_num_threads(1)
 STEPS = 16

@@ -180,7 +180,8 @@ def test_stray_temporary_from_a_kill_during_finish_is_removed(run_dir):
 def test_diverged_fine_tuning_exports_nothing(tmp_path):
     from test_finetune import tiny
 
-    from cpcluster.jobs.finetune import Diverged, FinetuneJob
+    from cpcluster.jobs.finetune import FinetuneJob
+    from cpcluster.jobs.training import Diverged
 
     with pytest.raises(InputError, match="--lr inf: must be a positive finite number"):
         tiny(tmp_path / "a", lr=float("inf"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 from torch import nn
 
 from cpcluster.models.archs import assign_state, build_architecture
-from cpcluster.models.archs.diffusers_unet import DiffusersUNet  # noqa: F401  (re-exported for benchmarks)
 from cpcluster.models.consistency import C_NOISE, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from cpcluster.models.ddpm import PREDICTIONS, alphas_cumprod, ddpm_betas
 from cpcluster.models.loaded import LoadedDenoiser
